@@ -1,0 +1,1 @@
+"""Algorithms: pure tensor math that chooses codes and parameters (no files, no modules)."""
