@@ -110,18 +110,18 @@ def block_shape(gran: Granularity, shape: tuple[int, ...] | torch.Size) -> tuple
 
 def blocked_shape(shape: tuple[int, ...], block: tuple[int, ...]) -> tuple[int, ...]:
     """Shape of the scale tensor: number of blocks along each dimension."""
-    return tuple(math.ceil(s / b) if b else 0 for s, b in zip(shape, block))
+    return tuple(math.ceil(s / b) if b else 0 for s, b in zip(shape, block, strict=True))
 
 
 def to_blocks(x: torch.Tensor, block: tuple[int, ...]) -> torch.Tensor:
     """View ``x`` as ``[n0, b0, n1, b1, ...]`` (zero-padded so every block is full)."""
     pads: list[int] = []
-    for s, b in zip(reversed(x.shape), reversed(block)):
+    for s, b in zip(reversed(x.shape), reversed(block), strict=True):
         pads += [0, (-s) % b if b else 0]
     if any(pads):
         x = pad(x, pads)
     split: list[int] = []
-    for s, b in zip(x.shape, block):
+    for s, b in zip(x.shape, block, strict=True):
         split += [s // b if b else 0, b]
     return x.reshape(split)
 
