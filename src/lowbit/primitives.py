@@ -129,7 +129,7 @@ def choose_qparams(
 
     >>> import lowbit.formats as F
     >>> choose_qparams(torch.tensor([-1.0, 0.5]), F.get("int8")).scale
-    tensor(0.0079)
+    tensor([0.0079])
     """
     check_finite(x)
     if not 0.0 < clip_ratio <= 1.0:
@@ -324,7 +324,9 @@ def round_to_grid(y: torch.Tensor, fmt: Format) -> torch.Tensor:
     target = y.abs() if fmt.sign_magnitude else y
     idx = _nearest_index_ties_even(target, values)
     if fmt.sign_magnitude:
-        idx = torch.where(y < 0, idx | (fmt.levels // 2), idx)
+        # signbit, not y < 0: -0.0 keeps its sign code (the IEEE bit pattern), so that a negative value
+        # that rounded to zero dequantizes to -0.0 and quantizes back to the same code.
+        idx = torch.where(torch.signbit(y), idx | (fmt.levels // 2), idx)
     return idx
 
 

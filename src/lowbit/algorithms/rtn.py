@@ -1,0 +1,57 @@
+"""Round-to-nearest weight quantization, with an optional MSE search of the clipping range.
+
+Clipping a block's range trades a few large errors (the clipped outliers) for a finer step on
+everything else; at 2-4 bits that usually wins. The search is per block and vectorised.
+
+>>> import torch, lowbit.formats as F
+>>> from lowbit.granularity import PerGroup
+>>> w = torch.randn(32, 256)
+>>> fmt = F.get("int4")
+>>> rtn = choose_weight_qparams(w, fmt, PerGroup(64), algorithm="rtn")
+>>> mse = choose_weight_qparams(w, fmt, PerGroup(64), algorithm="mse")
+>>> err = lambda qp: float(((dequantize(quantize(w, fmt, qp), fmt, qp) - w) ** 2).mean())
+>>> err(mse) <= err(rtn)
+True
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowbit.formats import Format
+from lowbit.granularity import Granularity, block_dims, to_blocks
+from lowbit.primitives import QParams, choose_qparams, dequantize, quantize
+
+# Candidate clip ratios: dense near 1 where the optimum usually lies for 4-8 bits, down to 0.3 for 2-bit.
+CLIP_RATIOS = tuple(1.0 - 0.025 * i for i in range(29))
+
+
+def choose_weight_qparams(
+    w: torch.Tensor,
+    fmt: Format,
+    granularity: Granularity,
+    symmetric: bool = True,
+    algorithm: str = "rtn",
+) -> QParams:
+    """Quantization parameters for a weight: full range (``rtn``) or MSE-searched clipping (``mse``)."""
+    if algorithm == "rtn" or fmt.family not in ("int", "grid") or w.numel() == 0:
+        return choose_qparams(w, fmt, granularity, symmetric)
+    if algorithm != "mse":
+        raise ValueError(f"unknown weight algorithm {algorithm!r}; use 'rtn' or 'mse'")
+    best: QParams | None = None
+    best_err: torch.Tensor | None = None
+    dims = block_dims(w.dim())
+    for ratio in CLIP_RATIOS:
+        qp = choose_qparams(w, fmt, granularity, symmetric, clip_ratio=ratio)
+        err = to_blocks((dequantize(quantize(w, fmt, qp), fmt, qp) - w.float()) ** 2, qp.block).sum(dim=dims)
+        if best is None or best_err is None:
+            best, best_err = qp, err
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        zp = None
+        if best.zero_point is not None and qp.zero_point is not None:
+            zp = torch.where(better, qp.zero_point, best.zero_point)
+        best = QParams(torch.where(better, qp.scale, best.scale), zp, qp.block)
+    assert best is not None
+    return best

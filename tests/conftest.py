@@ -1,0 +1,12 @@
+"""Shared fixtures: a seeded generator so every random test is reproducible."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    """A CPU generator with a fixed seed (each test gets a fresh one, so tests do not depend on order)."""
+    return torch.Generator().manual_seed(1234)
