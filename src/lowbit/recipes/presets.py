@@ -1,0 +1,65 @@
+"""Named recipes: the presets users pick by name (``lowbit.quantize(model, "int8-dynamic")``)."""
+
+from __future__ import annotations
+
+from lowbit.recipes.spec import ActivationSpec, Recipe, WeightSpec
+
+# Activations: unsigned 8-bit with a zero point suits post-ReLU / GELU data and is what integer
+# runtimes (ONNX Runtime's DynamicQuantizeLinear, QLinear ops) expect.
+_DYNAMIC = ActivationSpec(mode="dynamic", format="uint8", granularity="token", symmetric=False)
+_STATIC = ActivationSpec(
+    mode="static", format="uint8", granularity="tensor", symmetric=False, observer="minmax"
+)
+
+
+def _weights(description: str, name: str, **weight: object) -> Recipe:
+    return Recipe(name=name, description=description, weight=WeightSpec(**weight))  # type: ignore[arg-type]
+
+
+PRESETS: dict[str, Recipe] = {
+    r.name: r
+    for r in [
+        _weights("int8 weights per output channel, float activations", "int8-weight-only", format="int8"),
+        Recipe(
+            name="int8-dynamic",
+            description="int8 weights per channel, uint8 activations quantized per token at run time",
+            weight=WeightSpec(format="int8"),
+            activation=_DYNAMIC,
+        ),
+        Recipe(
+            name="int8-static",
+            description="int8 weights per channel, uint8 activations calibrated once (min-max observer)",
+            weight=WeightSpec(format="int8"),
+            activation=_STATIC,
+        ),
+        _weights(
+            "int4 weights, groups of 64 with zero points, MSE-searched clipping",
+            "int4-weight-only",
+            format="uint4",
+            granularity="group:64",
+            symmetric=False,
+            algorithm="mse",
+        ),
+        _weights(
+            "int2 weights, groups of 32 with zero points, MSE-searched clipping",
+            "int2-weight-only",
+            format="uint2",
+            granularity="group:32",
+            symmetric=False,
+            algorithm="mse",
+        ),
+        _weights("NormalFloat-4 grid (QLoRA), groups of 64", "nf4", format="nf4", granularity="group:64"),
+        _weights("fp8 e4m3 weights with a per-channel scale", "fp8", format="fp8_e4m3"),
+        _weights("fp16 weights (plain cast)", "fp16", format="fp16", granularity="tensor"),
+        _weights("bfloat16 weights (plain cast)", "bf16", format="bf16", granularity="tensor"),
+        _weights(
+            "4-bit signed powers of two per channel (shift-only multiplies)", "log2-4bit", format="log2_4"
+        ),
+        _weights("16-entry k-means codebook per output channel", "kmeans-4bit", format="kmeans_4"),
+        _weights(
+            "product quantization: 256 codewords per 4-value sub-vector (2 bits/param)", "pq", format="pq"
+        ),
+        _weights("binary weights {-a, +a} per channel (XNOR-Net scale)", "binary", format="binary"),
+        _weights("ternary weights {-a, 0, +a} per channel (TWN scale)", "ternary", format="ternary"),
+    ]
+}

@@ -1,0 +1,215 @@
+"""Recipes: what to quantize and how, as frozen dataclasses that round-trip to dict / YAML.
+
+>>> r = Recipe(name="mine", weight=WeightSpec(format="int4", granularity="group:64"))
+>>> Recipe.from_dict(r.to_dict()) == r
+True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lowbit import formats
+from lowbit import granularity as gran
+
+RECIPE_VERSION = 1
+MODULE_KINDS = ("linear", "conv", "embedding", "rnn")
+ACTIVATION_MODES = ("none", "dynamic", "static")
+WEIGHT_ALGORITHMS = ("rtn", "mse")
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    """How weights are stored.
+
+    Attributes:
+        format: a ``lowbit.formats`` name (``int8``, ``int4``, ``nf4``, ``kmeans_4``, ``fp16`` ...).
+        granularity: ``tensor``, ``channel`` (per output channel), ``group:G`` (G inputs per scale).
+        symmetric: integer formats: zero point fixed at 0 (True) or fitted (False).
+        algorithm: ``rtn`` (round to nearest, full range) or ``mse`` (clip range searched per block
+            to minimise the weight's squared error).
+    """
+
+    format: str = "int8"
+    granularity: str = "channel"
+    symmetric: bool = True
+    algorithm: str = "rtn"
+
+    def __post_init__(self) -> None:
+        formats.get(self.format)
+        gran.parse(self.granularity)
+        _check_choice("weight algorithm", self.algorithm, WEIGHT_ALGORITHMS)
+
+
+@dataclass(frozen=True)
+class ActivationSpec:
+    """How module inputs are quantized at run time.
+
+    Attributes:
+        mode: ``none``; ``dynamic`` (range measured on every call); ``static`` (range calibrated
+            once on representative data, then frozen).
+        format: an integer format (``uint8``, ``int8``) or ``fp8_e4m3``.
+        granularity: ``tensor`` or ``token`` (one scale per row of the last dimension; dynamic only).
+        symmetric: zero point fixed at 0 or fitted.
+        observer: static mode: a ``lowbit.observers`` name (``minmax``, ``percentile``, ``mse``, ...).
+    """
+
+    mode: str = "none"
+    format: str = "uint8"
+    granularity: str = "tensor"
+    symmetric: bool = False
+    observer: str = "minmax"
+
+    def __post_init__(self) -> None:
+        _check_choice("activation mode", self.mode, ACTIVATION_MODES)
+        if self.mode == "none":
+            return
+        fmt = formats.get(self.format)
+        if fmt.family not in ("int", "grid"):
+            raise ValueError(f"activations can use integer or fp8 formats, not {self.format!r}")
+        g = gran.parse(self.granularity)
+        if not isinstance(g, (gran.PerTensor, gran.PerToken)):
+            raise ValueError(f"activation granularity must be 'tensor' or 'token', got {self.granularity!r}")
+        if self.mode == "static" and isinstance(g, gran.PerToken):
+            raise ValueError("static activations are per tensor (per-token ranges only exist at run time)")
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "none"
+
+
+@dataclass(frozen=True)
+class LayerRule:
+    """A per-layer override: modules whose qualified name matches ``pattern`` (fnmatch) get
+    ``weight`` / ``activation`` instead of the recipe's defaults, or stay float with ``skip``."""
+
+    pattern: str
+    weight: WeightSpec | None = None
+    activation: ActivationSpec | None = None
+    skip: bool = False
+
+    def matches(self, name: str) -> bool:
+        return fnmatch.fnmatchcase(name, self.pattern)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A complete quantization plan for a model.
+
+    Attributes:
+        name, description: for reports.
+        weight: default weight spec (``None``: weights stay float).
+        activation: default activation spec.
+        modules: which module kinds are quantized (``linear``, ``conv``, ``embedding``, ``rnn``).
+        include / exclude: fnmatch patterns on qualified module names (exclude wins).
+        overrides: per-layer rules, the last matching one wins.
+    """
+
+    name: str = "custom"
+    description: str = ""
+    weight: WeightSpec | None = field(default_factory=WeightSpec)
+    activation: ActivationSpec = field(default_factory=ActivationSpec)
+    modules: tuple[str, ...] = MODULE_KINDS
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = ()
+    overrides: tuple[LayerRule, ...] = ()
+    version: int = RECIPE_VERSION
+
+    def __post_init__(self) -> None:
+        for kind in self.modules:
+            _check_choice("module kind", kind, MODULE_KINDS)
+        if self.version != RECIPE_VERSION:
+            raise ValueError(
+                f"recipe version {self.version} is not supported (this lowbit reads {RECIPE_VERSION})"
+            )
+
+    @property
+    def needs_calibration(self) -> bool:
+        specs = [self.activation] + [r.activation for r in self.overrides if r.activation]
+        return any(s.mode == "static" for s in specs)
+
+    def specs_for(self, name: str) -> tuple[WeightSpec | None, ActivationSpec] | None:
+        """The (weight, activation) specs for the module called ``name``; ``None`` if not selected."""
+        if not any(fnmatch.fnmatchcase(name, p) for p in self.include):
+            return None
+        if any(fnmatch.fnmatchcase(name, p) for p in self.exclude):
+            return None
+        weight, act = self.weight, self.activation
+        for rule in self.overrides:
+            if rule.matches(name):
+                if rule.skip:
+                    return None
+                weight = rule.weight or weight
+                act = rule.activation or act
+        return weight, act
+
+    # --- serialisation ---------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (YAML/JSON-ready) with a ``version`` field."""
+        d = dataclasses.asdict(self)
+        d["modules"], d["include"], d["exclude"] = list(self.modules), list(self.include), list(self.exclude)
+        d["overrides"] = [{k: v for k, v in o.items() if v not in (None, False)} for o in d["overrides"]]
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Recipe:
+        """Build from a dict; unknown keys are an error that names the key."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a recipe must be a mapping, got {type(data).__name__}")
+        d = _known(cls, data, "recipe")
+        if d.get("weight") is not None:
+            d["weight"] = WeightSpec(**_known(WeightSpec, d["weight"], "recipe.weight"))
+        if "activation" in d:
+            d["activation"] = ActivationSpec(
+                **_known(ActivationSpec, d["activation"] or {}, "recipe.activation")
+            )
+        for key in ("modules", "include", "exclude"):
+            if key in d:
+                d[key] = tuple(d[key])
+        rules = []
+        for i, raw in enumerate(d.get("overrides", ())):
+            r = _known(LayerRule, raw, f"recipe.overrides[{i}]")
+            if r.get("weight") is not None:
+                r["weight"] = WeightSpec(**_known(WeightSpec, r["weight"], f"recipe.overrides[{i}].weight"))
+            if r.get("activation") is not None:
+                act = _known(ActivationSpec, r["activation"], f"recipe.overrides[{i}].activation")
+                r["activation"] = ActivationSpec(**act)
+            rules.append(LayerRule(**r))
+        d["overrides"] = tuple(rules)
+        return cls(**d)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> Recipe:
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ValueError(f"recipe YAML does not parse: {err}") from None
+        return cls.from_dict(data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_yaml())
+
+
+def _known(cls: type, data: Any, where: str) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} must be a mapping, got {data!r}")
+    allowed = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise ValueError(f"unknown key {unknown[0]!r} in {where}; allowed keys: {', '.join(sorted(allowed))}")
+    return dict(data)
+
+
+def _check_choice(what: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}")
