@@ -1,3 +1,24 @@
-"""lowbit: quantize PyTorch models, measure what it bought and cost, ship a smaller artifact."""
+"""lowbit: quantize PyTorch models, measure what it bought and cost, ship a smaller artifact.
+
+>>> import torch, lowbit
+>>> q = lowbit.quantize(torch.nn.Sequential(torch.nn.Linear(8, 2)), "int8-weight-only")
+>>> type(q[0]).__name__
+'QuantizedLinear'
+"""
 
 __version__ = "0.1.0"
+
+from lowbit.api import calibrate, convert, load, prepare, quantize, save, size_report  # noqa: E402
+from lowbit.recipes import Recipe  # noqa: E402
+
+__all__ = [
+    "Recipe",
+    "__version__",
+    "calibrate",
+    "convert",
+    "load",
+    "prepare",
+    "quantize",
+    "save",
+    "size_report",
+]

@@ -55,9 +55,16 @@ PRESETS: dict[str, Recipe] = {
         _weights(
             "4-bit signed powers of two per channel (shift-only multiplies)", "log2-4bit", format="log2_4"
         ),
-        _weights("16-entry k-means codebook per output channel", "kmeans-4bit", format="kmeans_4"),
         _weights(
-            "product quantization: 256 codewords per 4-value sub-vector (2 bits/param)", "pq", format="pq"
+            "16-entry k-means codebook per layer (Deep Compression style)",
+            "kmeans-4bit",
+            format="kmeans_4",
+            granularity="tensor",
+        ),
+        _weights(
+            "product quantization: 16 codewords per 4-value sub-space (1 bit/param plus codebooks)",
+            "pq",
+            format="pq_4x4",
         ),
         _weights("binary weights {-a, +a} per channel (XNOR-Net scale)", "binary", format="binary"),
         _weights("ternary weights {-a, 0, +a} per channel (TWN scale)", "ternary", format="ternary"),

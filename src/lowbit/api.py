@@ -1,0 +1,73 @@
+"""The front door: ``quantize``, ``save``, ``load``, ``size_report``.
+
+>>> import torch, lowbit
+>>> model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+>>> q = lowbit.quantize(model, "int8-static", calibration=[torch.randn(8, 32)], progress=False)
+>>> round(lowbit.size_report(q).bits_per_param, 1)
+9.8
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from torch import nn
+
+from lowbit.export.artifact import load, save
+from lowbit.ptq.convert import calibrate, convert, prepare
+from lowbit.recipes import resolve
+from lowbit.recipes.spec import Recipe
+from lowbit.size import size_report
+
+# Weight algorithms that need calibration data before the weights can be chosen (GPTQ, AWQ, ...).
+# Each takes (float model, recipe, calibration batches, progress) and returns the keyword arguments
+# for ``prepare`` (``weights=`` packed weights by layer, ``input_smooth=`` divisors by layer).
+DATA_AWARE_ALGORITHMS: dict[str, Callable[..., dict[str, Any]]] = {}
+
+
+def quantize(
+    model: nn.Module,
+    recipe: str | Recipe | dict[str, Any],
+    calibration: Iterable[Any] | None = None,
+    *,
+    inplace: bool = False,
+    progress: bool = True,
+) -> nn.Module:
+    """Quantize ``model`` as ``recipe`` (a preset name, a YAML path, a dict or a ``Recipe``) says.
+
+    ``calibration`` is any iterable of input batches (tensors, tuples, or dicts of tensors, as a
+    DataLoader yields them); recipes with static activations or data-aware weight algorithms need
+    it. The float model is left untouched unless ``inplace=True``. Returns the quantized model.
+    """
+    recipe = resolve(recipe)
+    if calibration is not None and not isinstance(calibration, (list, tuple)):
+        calibration = list(calibration)  # it may be read twice (weight algorithm, then activations)
+    extra: dict[str, Any] = {}
+    for algorithm in _data_aware(recipe):
+        if calibration is None or len(calibration) == 0:  # type: ignore[arg-type]
+            raise ValueError(
+                f"weight algorithm {algorithm!r} needs calibration data: pass calibration=[batch, ...]"
+            )
+        extra.update(DATA_AWARE_ALGORITHMS[algorithm](model, recipe, calibration, progress))
+    qmodel = prepare(model, recipe, inplace=inplace, **extra)
+    calibrate(qmodel, calibration, progress=progress)
+    return convert(qmodel)
+
+
+def _data_aware(recipe: Recipe) -> list[str]:
+    specs = [recipe.weight] + [rule.weight for rule in recipe.overrides]
+    used = {s.algorithm for s in specs if s is not None}
+    return sorted(used & set(DATA_AWARE_ALGORITHMS))
+
+
+__all__ = [
+    "DATA_AWARE_ALGORITHMS",
+    "calibrate",
+    "convert",
+    "load",
+    "prepare",
+    "quantize",
+    "save",
+    "size_report",
+]

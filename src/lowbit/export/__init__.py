@@ -1,0 +1,1 @@
+"""Getting a quantized model out: the safetensors + JSON artifact, and ONNX export."""

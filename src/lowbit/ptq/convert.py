@@ -1,0 +1,165 @@
+"""Post-training quantization in three explicit steps: prepare -> calibrate -> convert.
+
+- ``prepare(model, recipe)``: swap every planned layer for its quantized counterpart (weights are
+  quantized and packed now); static activation quantizers start in the ``observing`` state.
+- ``calibrate(model, batches)``: run representative batches through the model (progress bar);
+  observers record activation ranges while the activations pass through unchanged.
+- ``convert(model)``: freeze every observer into a fixed scale / zero point.
+
+``lowbit.quantize`` runs all three. Weight-only and dynamic recipes need no calibration data.
+
+>>> import torch
+>>> from lowbit.recipes import get
+>>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+>>> q = prepare(model, get("int8-static"))
+>>> calibrate(q, [torch.randn(4, 8) for _ in range(3)], progress=False)
+>>> convert(q)[0].input_quant.state
+'frozen'
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lowbit.nn.activation import ActivationQuantizer
+from lowbit.nn.base import QuantizedModule
+from lowbit.nn.layers import QUANTIZED_CLASSES
+from lowbit.nn.qweight import QuantizedWeight
+from lowbit.ptq.plan import Plan, plan_model
+from lowbit.recipes import resolve
+from lowbit.recipes.spec import Recipe
+from lowbit.zoo.base import call_model
+
+
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule called ``name`` (dotted path) by ``new``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def prepare(
+    model: nn.Module,
+    recipe: str | Recipe | dict[str, Any],
+    inplace: bool = False,
+    weights: dict[str, QuantizedWeight] | None = None,
+    input_smooth: dict[str, torch.Tensor] | None = None,
+    warn: bool = True,
+) -> nn.Module:
+    """Swap planned layers for quantized ones (see the module docstring).
+
+    ``weights`` supplies packed weights chosen elsewhere (GPTQ, QAT) by layer name; ``input_smooth``
+    per-input-channel divisors (SmoothQuant, AWQ) whose inverse the caller already folded into the
+    float weights. Warnings list layers kept float and patterns that matched nothing.
+    """
+    recipe = resolve(recipe)
+    if not inplace:
+        model = copy.deepcopy(model)
+    plan = plan_model(model, recipe)
+    if warn:
+        for message in plan.warnings():
+            warnings.warn(f"lowbit: {message}", stacklevel=2)
+    if not plan.layers:
+        warnings.warn(
+            f"lowbit: recipe {recipe.name!r} selected no layer; the model is unchanged", stacklevel=2
+        )
+    weights = weights or {}
+    input_smooth = input_smooth or {}
+    for layer in plan.layers:
+        assert layer.weight is not None
+        cls = QUANTIZED_CLASSES[layer.kind]
+        qmodule = cls.from_float(layer.module, layer.weight, name=layer.name, qweight=weights.get(layer.name))
+        qmodule.set_activation(layer.activation, layer.name)
+        if layer.name in input_smooth:
+            qmodule.set_input_smooth(input_smooth[layer.name])
+        set_submodule(model, layer.name, qmodule)
+    model.lowbit_recipe = recipe  # recorded in the artifact
+    model.lowbit_plan_warnings = plan.warnings()
+    return model
+
+
+def observing_quantizers(model: nn.Module) -> list[ActivationQuantizer]:
+    return [m for m in model.modules() if isinstance(m, ActivationQuantizer) and m.state == "observing"]
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Device of the model's first parameter or buffer (CPU for an empty model)."""
+    for t in list(model.parameters()) + list(model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Move a batch (tensor, tuple / list, dict of tensors) to ``device``; other values pass through."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def run_batches(
+    model: nn.Module, batches: Iterable[Any], progress: bool = True, desc: str = "calibrating"
+) -> int:
+    """Call ``model`` on every batch (no gradients), with a progress bar; returns how many ran."""
+    device = model_device(model)
+    total = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
+    count = 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in tqdm(
+                batches, total=total, desc=desc, unit="batch", disable=not progress, leave=False
+            ):
+                call_model(model, to_device(batch, device))
+                count += 1
+    finally:
+        model.train(was_training)
+    return count
+
+
+def calibrate(model: nn.Module, batches: Iterable[Any] | None, progress: bool = True) -> None:
+    """Feed calibration batches to every observing activation quantizer of a prepared model.
+
+    Batches may be tensors, tuples (positional arguments) or dicts (keyword arguments), as a
+    ``DataLoader`` yields them; they are moved to the model's device.
+    """
+    if not observing_quantizers(model):
+        return
+    if batches is None:
+        raise ValueError(
+            "this recipe calibrates activations (static mode) and needs calibration data: pass "
+            "calibration=[batch, ...] with a few representative input batches"
+        )
+    count = run_batches(model, batches, progress)
+    if count == 0:
+        raise ValueError(
+            "the calibration data is empty: pass at least one input batch (a few dozen samples is typical)"
+        )
+
+
+def convert(model: nn.Module) -> nn.Module:
+    """Freeze every observing activation quantizer (ranges become fixed buffers); returns ``model``."""
+    for quantizer in observing_quantizers(model):
+        quantizer.freeze()
+    return model
+
+
+def quantized_layers(model: nn.Module) -> dict[str, QuantizedModule]:
+    """Every quantized layer of ``model`` by qualified name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantizedModule)}
+
+
+def plan_for(model: nn.Module, recipe: str | Recipe | dict[str, Any]) -> Plan:
+    """The plan ``prepare`` would follow, without changing anything (for ``lowbit doctor``)."""
+    return plan_model(model, resolve(recipe))
