@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import lzma
 import os
 import shutil
 import tempfile
@@ -46,6 +47,9 @@ from lowbit.recipes.spec import ActivationSpec, Recipe
 ARTIFACT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "lowbit.json"
+# Optional entropy coding of the whole safetensors file (Deep Compression's last stage). LZMA is in
+# the standard library, so every reader can decode it; "none" keeps the file memory-mappable.
+COMPRESSIONS = {"none": WEIGHTS_FILE, "lzma": WEIGHTS_FILE + ".xz"}
 
 
 class ArtifactError(ValueError):
@@ -145,19 +149,37 @@ def _write_atomically(directory: Path, files: dict[str, bytes]) -> None:
         raise
 
 
-def save(model: nn.Module, directory: str | Path, metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+def save(
+    model: nn.Module,
+    directory: str | Path,
+    metrics: dict[str, Any] | None = None,
+    compression: str = "none",
+) -> dict[str, Any]:
     """Write ``directory/model.safetensors`` and ``directory/lowbit.json`` atomically; returns the manifest.
 
     ``metrics`` (optional, JSON-ready) is stored as provenance, e.g. the accuracy you measured.
-    An existing artifact directory is replaced as a whole.
+    ``compression="lzma"`` entropy-codes the tensor file (``model.safetensors.xz``): smaller on disk
+    for low-entropy codes (pruned or clustered weights), decoded on load. An existing artifact
+    directory is replaced as a whole.
     """
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"unknown compression {compression!r}; choose one of {', '.join(COMPRESSIONS)}")
     tensors, aliases = _dedupe(model.state_dict())
     data = save_safetensors_bytes(tensors, metadata={"format": "pt", "producer": "lowbit"})
+    raw_bytes = len(data)
+    if compression == "lzma":
+        data = lzma.compress(data, preset=9 | lzma.PRESET_EXTREME)
     manifest = manifest_of(model, tensors, aliases)
-    manifest["file"] = {"name": WEIGHTS_FILE, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    manifest["file"] = {
+        "name": COMPRESSIONS[compression],
+        "compression": compression,
+        "bytes": len(data),
+        "uncompressed_bytes": raw_bytes,
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
     manifest["metrics"] = metrics or {}
     text = json.dumps(manifest, indent=2) + "\n"
-    _write_atomically(Path(directory), {WEIGHTS_FILE: data, MANIFEST_FILE: text.encode()})
+    _write_atomically(Path(directory), {COMPRESSIONS[compression]: data, MANIFEST_FILE: text.encode()})
     return manifest
 
 
@@ -189,11 +211,16 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
 
 def read_tensors(directory: str | Path, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
     """Read ``model.safetensors`` after checking its size and sha256 against the manifest."""
-    path = Path(directory) / WEIGHTS_FILE
+    expected = manifest["file"]
+    compression = expected.get("compression", "none")
+    if compression not in COMPRESSIONS or expected.get("name") != COMPRESSIONS[compression]:
+        raise ArtifactError(
+            f"the manifest names an unknown tensor file {expected.get('name')!r} ({compression})"
+        )
+    path = Path(directory) / COMPRESSIONS[compression]
     if not path.is_file():
         raise ArtifactError(f"{path} is missing; the artifact is incomplete")
     data = path.read_bytes()
-    expected = manifest["file"]
     if len(data) != expected.get("bytes"):
         raise ArtifactError(
             f"{path} is {len(data)} bytes but the manifest says {expected.get('bytes')}: "
@@ -201,6 +228,11 @@ def read_tensors(directory: str | Path, manifest: dict[str, Any]) -> dict[str, t
         )
     if hashlib.sha256(data).hexdigest() != expected.get("sha256"):
         raise ArtifactError(f"{path} does not match the sha256 in {MANIFEST_FILE}: corrupt or modified")
+    if compression == "lzma":
+        try:
+            data = lzma.decompress(data)
+        except lzma.LZMAError as err:
+            raise ArtifactError(f"{path} does not decompress: {err}") from None
     try:
         tensors = load_safetensors_bytes(data)
     except Exception as err:  # safetensors raises its own error type for malformed files

@@ -21,7 +21,7 @@ from lowbit import granularity as gran
 RECIPE_VERSION = 1
 MODULE_KINDS = ("linear", "conv", "embedding", "rnn")
 ACTIVATION_MODES = ("none", "dynamic", "static")
-WEIGHT_ALGORITHMS = ("rtn", "mse")
+WEIGHT_ALGORITHMS = ("rtn", "mse", "gptq", "awq")
 
 
 @dataclass(frozen=True)
@@ -32,8 +32,9 @@ class WeightSpec:
         format: a ``lowbit.formats`` name (``int8``, ``int4``, ``nf4``, ``kmeans_4``, ``fp16`` ...).
         granularity: ``tensor``, ``channel`` (per output channel), ``group:G`` (G inputs per scale).
         symmetric: integer formats: zero point fixed at 0 (True) or fitted (False).
-        algorithm: ``rtn`` (round to nearest, full range) or ``mse`` (clip range searched per block
-            to minimise the weight's squared error).
+        algorithm: ``rtn`` (round to nearest, full range), ``mse`` (clip range searched per block
+            to minimise the weight's squared error), ``gptq`` or ``awq`` (data-aware: need calibration;
+            see ``lowbit.api.DATA_AWARE_ALGORITHMS``).
     """
 
     format: str = "int8"
@@ -109,6 +110,10 @@ class Recipe:
         modules: which module kinds are quantized (``linear``, ``conv``, ``embedding``, ``rnn``).
         include / exclude: fnmatch patterns on qualified module names (exclude wins).
         overrides: per-layer rules, the last matching one wins.
+        smoothquant_alpha: migrate activation outliers into the weights (SmoothQuant) with this
+            alpha before quantizing (``None``: off). Needs calibration data.
+        bias_correction: remove the expected output shift that weight quantization causes
+            (static recipes, measured on the calibration data).
     """
 
     name: str = "custom"
@@ -119,9 +124,13 @@ class Recipe:
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ()
     overrides: tuple[LayerRule, ...] = ()
+    smoothquant_alpha: float | None = None
+    bias_correction: bool = False
     version: int = RECIPE_VERSION
 
     def __post_init__(self) -> None:
+        if self.smoothquant_alpha is not None and not 0.0 <= self.smoothquant_alpha <= 1.0:
+            raise ValueError(f"smoothquant_alpha must be in [0, 1], got {self.smoothquant_alpha}")
         for kind in self.modules:
             _check_choice("module kind", kind, MODULE_KINDS)
         if self.version != RECIPE_VERSION:
