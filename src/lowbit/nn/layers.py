@@ -222,7 +222,8 @@ class QuantizedEmbedding(QuantizedModule):
         self.input_quant = None  # integer indices are never quantized
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.qweight.dequantize(), self.padding_idx)
+        # Only the looked-up rows are unpacked: a 30k-row vocabulary is never dequantized whole.
+        return self.qweight.dequantize_rows(ids)
 
     def float_config(self) -> dict[str, Any]:
         return {

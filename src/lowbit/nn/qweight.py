@@ -194,6 +194,35 @@ class QuantizedWeight(nn.Module):
         """The float weight these codes stand for (shape ``self.shape``)."""
         return dequantize(self.codes(), self.fmt, self.qparams(), dtype=dtype).reshape(self.shape)
 
+    def dequantize_rows(self, index: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``dequantize()[index]`` for a 2-D weight, unpacking only the rows asked for when every row
+        has its own parameters (an embedding lookup touches a few rows of a large table).
+
+        >>> qw = QuantizedWeight.from_float(torch.randn(100, 16), "int4", "group:8")
+        >>> idx = torch.tensor([[3, 99]])
+        >>> torch.equal(qw.dequantize_rows(idx), qw.dequantize()[idx])
+        True
+        """
+        fmt = self.fmt
+        rows_own_params = (
+            len(self.shape) == 2 and self.block[0] == 1 and fmt.family in ("int", "grid", "codebook")
+        )
+        if fmt.family == "float":
+            return self.packed[index].to(dtype)
+        if not rows_own_params or 8 % fmt.bits or (self.shape[1] * fmt.bits) % 8:
+            return self.dequantize(dtype)[index]
+        rows, cols = self.shape
+        flat = index.reshape(-1)
+        row_bytes = self.packed.reshape(rows, cols * fmt.bits // 8)[flat].reshape(-1)
+        codes = packing.unpack(row_bytes, fmt.bits, flat.numel() * cols)
+        if fmt.family == "int":
+            codes = packing.from_unsigned(codes, fmt.qmin, fmt.code_dtype)
+        qp = self.qparams()
+        pick = lambda t: None if t is None else t[flat]  # noqa: E731
+        sub = QParams(pick(qp.scale), pick(qp.zero_point), self.block, pick(qp.codebook))
+        values = dequantize(codes.reshape(flat.numel(), cols), fmt, sub, dtype=dtype)
+        return values.reshape(*index.shape, cols)
+
     @property
     def stored_bytes(self) -> int:
         """Bytes of every buffer: codes, scales, zero points and codebooks."""
