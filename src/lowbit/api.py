@@ -16,6 +16,7 @@ from torch import nn
 
 from lowbit.export.artifact import load, save
 from lowbit.ptq.convert import calibrate, convert, prepare
+from lowbit.ptq.data_aware import awq_weights, correct_biases, gptq_weights, smoothquant_weights
 from lowbit.recipes import resolve
 from lowbit.recipes.spec import Recipe
 from lowbit.size import size_report
@@ -23,7 +24,7 @@ from lowbit.size import size_report
 # Weight algorithms that need calibration data before the weights can be chosen (GPTQ, AWQ, ...).
 # Each takes (float model, recipe, calibration batches, progress) and returns the keyword arguments
 # for ``prepare`` (``weights=`` packed weights by layer, ``input_smooth=`` divisors by layer).
-DATA_AWARE_ALGORITHMS: dict[str, Callable[..., dict[str, Any]]] = {}
+DATA_AWARE_ALGORITHMS: dict[str, Callable[..., dict[str, Any]]] = {"gptq": gptq_weights, "awq": awq_weights}
 
 
 def quantize(
@@ -43,16 +44,23 @@ def quantize(
     recipe = resolve(recipe)
     if calibration is not None and not isinstance(calibration, (list, tuple)):
         calibration = list(calibration)  # it may be read twice (weight algorithm, then activations)
+    steps = _data_aware(recipe) + (["smoothquant"] if recipe.smoothquant_alpha is not None else [])
+    steps += ["bias_correction"] if recipe.bias_correction else []
+    if steps and not calibration:
+        raise ValueError(f"{', '.join(steps)} needs calibration data: pass calibration=[batch, ...]")
+    if len(steps) - recipe.bias_correction > 1:
+        raise ValueError(f"choose one of {', '.join(steps)}: they cannot be combined in one recipe yet")
     extra: dict[str, Any] = {}
     for algorithm in _data_aware(recipe):
-        if calibration is None or len(calibration) == 0:  # type: ignore[arg-type]
-            raise ValueError(
-                f"weight algorithm {algorithm!r} needs calibration data: pass calibration=[batch, ...]"
-            )
-        extra.update(DATA_AWARE_ALGORITHMS[algorithm](model, recipe, calibration, progress))
-    qmodel = prepare(model, recipe, inplace=inplace, **extra)
+        extra = DATA_AWARE_ALGORITHMS[algorithm](model, recipe, calibration, progress)
+    if recipe.smoothquant_alpha is not None:
+        extra = smoothquant_weights(model, recipe, calibration, progress)  # type: ignore[arg-type]
+    qmodel = prepare(model, recipe, inplace=inplace and not recipe.bias_correction, **extra)
     calibrate(qmodel, calibration, progress=progress)
-    return convert(qmodel)
+    convert(qmodel)
+    if recipe.bias_correction:
+        qmodel.lowbit_bias_correction = correct_biases(model, qmodel, calibration, progress)  # type: ignore[arg-type]
+    return qmodel
 
 
 def _data_aware(recipe: Recipe) -> list[str]:

@@ -51,6 +51,13 @@ def _float_bias(bias: torch.Tensor | None) -> nn.Parameter | None:
     return None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
 
+def _loaded_bias(bias: torch.Tensor | None, entry: dict[str, Any], width: int) -> nn.Parameter | None:
+    """The bias slot of a layer being loaded: bias correction may have added one the float layer lacks."""
+    if bias is None and entry["config"].get("bias"):
+        return nn.Parameter(torch.zeros(width), requires_grad=False)
+    return _float_bias(bias)
+
+
 # --- Linear ----------------------------------------------------------------------------------------
 
 
@@ -80,7 +87,7 @@ class QuantizedLinear(QuantizedModule):
     def from_manifest(cls, module: nn.Module, entry: dict[str, Any]) -> QuantizedLinear:
         weight = linear_weight(module)
         qw = QuantizedWeight.empty(entry["weights"]["qweight"], weight.device)
-        return cls(weight.shape[1], weight.shape[0], qw, _float_bias(module.bias))
+        return cls(weight.shape[1], weight.shape[0], qw, _loaded_bias(module.bias, entry, weight.shape[0]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.quantize_input(x)
@@ -157,7 +164,10 @@ class QuantizedConv(QuantizedModule):
     @classmethod
     def from_manifest(cls, module: nn.Conv1d | nn.Conv2d, entry: dict[str, Any]) -> QuantizedConv:
         qw = QuantizedWeight.empty(entry["weights"]["qweight"], module.weight.device)
-        return cls(cls._config(module), qw, _float_bias(module.bias))
+        config = cls._config(module)
+        bias = _loaded_bias(module.bias, entry, module.out_channels)
+        config["bias"] = bias is not None
+        return cls(config, qw, bias)
 
     @property
     def kernel_shape(self) -> tuple[int, ...]:

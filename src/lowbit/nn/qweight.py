@@ -62,6 +62,7 @@ class QuantizedWeight(nn.Module):
         self.shape = tuple(int(s) for s in shape)
         self.block = tuple(int(b) for b in block)
         self.algorithm = "rtn"  # how codes were chosen; recorded in the manifest
+        self.info: dict[str, float] = {}  # what the algorithm measured (e.g. reconstruction error)
 
     # --- construction ------------------------------------------------------------------------------
 
@@ -249,6 +250,7 @@ class QuantizedWeight(nn.Module):
             "has_zero_point": hasattr(self, "zero_point"),
             "stored_bytes": self.stored_bytes,
             "bits_per_param": round(self.bits_per_param, 4),
+            "info": dict(self.info),
         }
 
     def extra_repr(self) -> str:

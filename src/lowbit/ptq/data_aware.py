@@ -1,0 +1,306 @@
+"""Thin adapters that feed calibration data to the data-aware algorithms (pure math in
+``lowbit.algorithms``): GPTQ, AWQ, SmoothQuant and bias correction.
+
+GPTQ and AWQ run *sequentially*: layers are visited in the order the forward pass calls them, and
+each layer's inputs are captured from a working copy in which every earlier layer is already
+quantized, so each layer compensates the error of those before it. To capture one layer's inputs
+the forward pass is stopped right after that layer is reached, so peak memory is the model plus one
+layer's statistics (a Hessian, or a sample of inputs), never all activations.
+
+Each adapter returns the keyword arguments of ``lowbit.ptq.prepare``: packed ``weights`` chosen
+here, and ``input_smooth`` divisors whose inverse is already folded into those weights.
+
+>>> import torch, lowbit
+>>> torch.manual_seed(0) and None
+>>> model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+>>> q = lowbit.quantize(model, "int4-gptq", calibration=[torch.randn(64, 32)], progress=False)
+>>> q[0].qweight.algorithm, q[0].qweight.info["gptq_error"] <= q[0].qweight.info["rtn_error"]
+('gptq', True)
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lowbit import formats
+from lowbit.algorithms.awq import awq_search_clip, awq_search_scales
+from lowbit.algorithms.bias_correction import expected_output_shift
+from lowbit.algorithms.gptq import HessianAccumulator, conv_input_rows, gptq_quantize, reconstruction_error
+from lowbit.algorithms.smoothquant import channel_absmax, smoothquant_scales
+from lowbit.granularity import parse
+from lowbit.nn.base import QuantizedModule
+from lowbit.nn.layers import QUANTIZED_CLASSES, linear_weight, quantize_weight
+from lowbit.nn.qweight import QuantizedWeight
+from lowbit.ptq.convert import model_device, set_submodule, to_device
+from lowbit.ptq.plan import LayerPlan, plan_model
+from lowbit.recipes.spec import Recipe
+from lowbit.zoo.base import call_model
+
+# AWQ measures each candidate scaling on a sample of the layer's input rows: enough rows to rank
+# candidates reliably, few enough that the search costs milliseconds per layer.
+AWQ_SAMPLE_ROWS = 4096
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass once the layer of interest has seen its input."""
+
+
+def _run(
+    model: nn.Module, batches: Sequence[Any], module: nn.Module, on_input: Callable[[torch.Tensor], None]
+):
+    """Call ``on_input`` with ``module``'s input for every batch, stopping each pass right there."""
+
+    def hook(_mod: nn.Module, args: tuple[Any, ...]) -> None:
+        on_input(args[0])
+        raise _StopForward
+
+    device = model_device(model)
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                try:
+                    call_model(model, to_device(batch, device))
+                except _StopForward:
+                    pass
+    finally:
+        handle.remove()
+
+
+def call_order(model: nn.Module, layers: list[LayerPlan], batch: Any) -> list[LayerPlan]:
+    """``layers`` sorted by when the forward pass first calls them; layers never called are an error."""
+    first_call: dict[str, int] = {}
+    handles = []
+    for layer in layers:
+
+        def hook(_m: nn.Module, _a: Any, name: str = layer.name) -> None:
+            first_call.setdefault(name, len(first_call))
+
+        handles.append(layer.module.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            call_model(model, to_device(batch, model_device(model)))
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [layer.name for layer in layers if layer.name not in first_call]
+    if missing:
+        raise ValueError(
+            f"layer {missing[0]} is never called on the calibration data, so it cannot be calibrated; "
+            "exclude it from the recipe or give batches that reach it"
+        )
+    return sorted(layers, key=lambda layer: first_call[layer.name])
+
+
+def _weight_matrix(layer: LayerPlan) -> torch.Tensor:
+    if layer.kind == "conv":
+        return layer.module.weight.detach().reshape(layer.module.out_channels, -1)
+    return linear_weight(layer.module)
+
+
+def _input_rows(layer: LayerPlan, x: torch.Tensor) -> torch.Tensor:
+    """Rows that multiply the weight matrix: the input itself, or a conv input unfolded."""
+    if layer.kind == "conv":
+        return conv_input_rows(x, layer.module)
+    return x.reshape(-1, x.shape[-1])
+
+
+def _supports_matrix_algorithm(layer: LayerPlan) -> bool:
+    """GPTQ / AWQ need a weight that multiplies input rows: linear, or conv without groups."""
+    return layer.kind == "linear" or (layer.kind == "conv" and layer.module.groups == 1)
+
+
+def _swap_in(
+    work: nn.Module, layer: LayerPlan, qweight: QuantizedWeight, smooth: torch.Tensor | None
+) -> None:
+    """Replace the layer in the working copy, so later layers see its quantized output."""
+    assert layer.weight is not None
+    qmodule = QUANTIZED_CLASSES[layer.kind].from_float(
+        layer.module, layer.weight, layer.name, qweight=qweight
+    )
+    qmodule.set_input_smooth(smooth)
+    set_submodule(work, layer.name, qmodule)
+
+
+def _sequential_layers(model: nn.Module, recipe: Recipe, algorithm: str, calibration: Sequence[Any]):
+    work = copy.deepcopy(model).eval()
+    layers = [
+        p for p in plan_model(work, recipe).layers if p.weight is not None and p.weight.algorithm == algorithm
+    ]
+    return work, call_order(work, layers, calibration[0]) if layers else []
+
+
+def gptq_weights(
+    model: nn.Module, recipe: Recipe, calibration: Sequence[Any], progress: bool = True
+) -> dict[str, Any]:
+    """GPTQ for every layer whose weight spec says ``algorithm: gptq`` (round to nearest for
+    embeddings, RNNs and grouped convolutions, which have no input Hessian)."""
+    work, layers = _sequential_layers(model, recipe, "gptq", calibration)
+    weights: dict[str, QuantizedWeight] = {}
+    bar = tqdm(layers, desc="GPTQ", unit="layer", disable=not progress, leave=False)
+    for layer in bar:
+        assert layer.weight is not None
+        what = f"layer {layer.name} weight"
+        if not _supports_matrix_algorithm(layer):
+            weights[layer.name] = quantize_weight(layer.module.weight, layer.weight, what)
+            continue
+        fmt = formats.get(layer.weight.format)
+        if fmt.family != "int":
+            raise ValueError(
+                f"GPTQ needs an integer format (int2..int8, uint2..uint8); {layer.name} asks for {fmt.name}"
+            )
+        w = _weight_matrix(layer)
+        acc = HessianAccumulator(w.shape[1], device=w.device)
+        _run(
+            work, calibration, layer.module, lambda x, layer=layer, acc=acc: acc.update(_input_rows(layer, x))
+        )
+        hessian = acc.hessian()
+        g = parse(layer.weight.granularity)
+        codes, qp = gptq_quantize(w, hessian, fmt, g, layer.weight.symmetric)
+        qw = QuantizedWeight.from_codes(codes, fmt, qp, g, layer.weight.symmetric, tuple(w.shape))
+        qw.algorithm = "gptq"
+        rtn = quantize_weight(w, layer.weight, what)
+        qw.info = {
+            "gptq_error": reconstruction_error(w, qw.dequantize(), hessian),
+            "rtn_error": reconstruction_error(w, rtn.dequantize(), hessian),
+        }
+        bar.set_postfix_str(f"{layer.name} err {qw.info['gptq_error']:.3g} (rtn {qw.info['rtn_error']:.3g})")
+        weights[layer.name] = qw
+        _swap_in(work, layer, qw, None)
+    return {"weights": weights}
+
+
+def awq_weights(
+    model: nn.Module, recipe: Recipe, calibration: Sequence[Any], progress: bool = True
+) -> dict[str, Any]:
+    """AWQ for every linear layer whose weight spec says ``algorithm: awq``: per-input-channel
+    scales searched on calibration inputs, then a clipping search, then round to nearest."""
+    work, layers = _sequential_layers(model, recipe, "awq", calibration)
+    weights: dict[str, QuantizedWeight] = {}
+    smooth: dict[str, torch.Tensor] = {}
+    bar = tqdm(layers, desc="AWQ", unit="layer", disable=not progress, leave=False)
+    for layer in bar:
+        assert layer.weight is not None
+        what = f"layer {layer.name} weight"
+        if layer.kind != "linear":
+            weights[layer.name] = quantize_weight(layer.module.weight, layer.weight, what)
+            continue
+        fmt, g = formats.get(layer.weight.format), parse(layer.weight.granularity)
+        w = _weight_matrix(layer)
+        sample: list[torch.Tensor] = []
+        totals = {"abs": torch.zeros(w.shape[1], device=w.device), "rows": 0}
+
+        def collect(x: torch.Tensor, sample=sample, totals=totals) -> None:
+            rows = x.detach().reshape(-1, x.shape[-1]).float()
+            totals["abs"] += rows.abs().sum(dim=0)
+            totals["rows"] += rows.shape[0]
+            if sum(r.shape[0] for r in sample) < AWQ_SAMPLE_ROWS:
+                sample.append(rows[:AWQ_SAMPLE_ROWS])
+
+        _run(work, calibration, layer.module, collect)
+        x = torch.cat(sample)[:AWQ_SAMPLE_ROWS]
+        act_mean = totals["abs"] / max(int(totals["rows"]), 1)
+        s = awq_search_scales(w, x, fmt, g, layer.weight.symmetric, act_mean=act_mean)
+        scaled = w * s  # columns scaled up; the input is divided by s at run time
+        qp = awq_search_clip(scaled, x / s, fmt, g, layer.weight.symmetric)
+        qw = QuantizedWeight.from_float(scaled, fmt, g, layer.weight.symmetric, qparams=qp, what=what)
+        qw.algorithm = "awq"
+        weights[layer.name], smooth[layer.name] = qw, s
+        _swap_in(work, layer, qw, s)
+    return {"weights": weights, "input_smooth": smooth}
+
+
+def smoothquant_weights(
+    model: nn.Module, recipe: Recipe, calibration: Sequence[Any], progress: bool = True
+) -> dict[str, Any]:
+    """SmoothQuant: for every linear layer with quantized activations, move the input's outlier
+    channels into the weight (``x / s``, ``w * s``) with the recipe's alpha, measured in one pass."""
+    alpha = recipe.smoothquant_alpha
+    assert alpha is not None
+    layers = [p for p in plan_model(model, recipe).layers if p.kind == "linear" and p.activation.enabled]
+    maxima: dict[str, torch.Tensor] = {}
+    handles = []
+    for layer in layers:
+
+        def hook(_m: nn.Module, args: tuple[Any, ...], name: str = layer.name) -> None:
+            current = channel_absmax(args[0])
+            maxima[name] = current if name not in maxima else torch.maximum(maxima[name], current)
+
+        handles.append(layer.module.register_forward_pre_hook(hook))
+    device = model_device(model)
+    try:
+        with torch.no_grad():
+            for batch in tqdm(calibration, desc="SmoothQuant", disable=not progress, leave=False):
+                call_model(model, to_device(batch, device))
+    finally:
+        for h in handles:
+            h.remove()
+    weights, smooth = {}, {}
+    for layer in layers:
+        assert layer.weight is not None
+        if layer.name not in maxima:
+            raise ValueError(f"layer {layer.name} saw no calibration data; SmoothQuant cannot scale it")
+        w = _weight_matrix(layer)
+        s = smoothquant_scales(maxima[layer.name], w, alpha)
+        weights[layer.name] = quantize_weight(w * s, layer.weight, f"layer {layer.name} weight")
+        smooth[layer.name] = s
+    return {"weights": weights, "input_smooth": smooth}
+
+
+def correct_biases(
+    float_model: nn.Module, qmodel: nn.Module, calibration: Sequence[Any], progress: bool = True
+) -> dict[str, float]:
+    """Bias correction: add to each quantized linear / conv bias the expected output shift its
+    weight quantization causes, from the float model's input means on the calibration data.
+    Returns the largest absolute correction per layer (for the report)."""
+    targets = {
+        name: m
+        for name, m in qmodel.named_modules()
+        if isinstance(m, QuantizedModule)
+        and m.kind in ("linear", "conv")
+        and getattr(m, "input_smooth", None) is None
+    }
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    handles = []
+    for name, qmodule in targets.items():
+        channel_dim = 1 if qmodule.kind == "conv" else -1
+
+        def hook(_m: nn.Module, args: tuple[Any, ...], name: str = name, dim: int = channel_dim) -> None:
+            x = args[0].detach().float().movedim(dim, -1)
+            rows = x.reshape(-1, x.shape[-1])
+            sums[name] = sums.get(name, 0) + rows.sum(dim=0)
+            counts[name] = counts.get(name, 0) + rows.shape[0]
+
+        handles.append(float_model.get_submodule(name).register_forward_pre_hook(hook))
+    device = model_device(float_model)
+    try:
+        with torch.no_grad():
+            for batch in tqdm(calibration, desc="bias correction", disable=not progress, leave=False):
+                call_model(float_model, to_device(batch, device))
+    finally:
+        for h in handles:
+            h.remove()
+    applied = {}
+    for name, qmodule in targets.items():
+        if name not in sums:
+            continue
+        float_module = float_model.get_submodule(name)
+        w = linear_weight(float_module) if qmodule.kind == "linear" else float_module.weight.detach()
+        wq = qmodule.qweight.dequantize().reshape(w.shape)
+        groups = float_module.groups if qmodule.kind == "conv" else 1
+        shift = expected_output_shift(w, wq, sums[name] / counts[name], groups=groups)
+        if qmodule.bias is None:
+            qmodule.bias = nn.Parameter(torch.zeros_like(shift), requires_grad=False)
+            if "bias" in getattr(qmodule, "config", {}):
+                qmodule.config["bias"] = True
+        with torch.no_grad():
+            qmodule.bias += shift.to(qmodule.bias.dtype)
+        applied[name] = float(shift.abs().max())
+    return applied
