@@ -1,0 +1,203 @@
+"""Quantization-aware training: ``prepare`` -> train with any loop -> ``convert``.
+
+``prepare(model, recipe)`` swaps every layer the recipe selects for a QAT layer (float weights,
+fake-quantized weight and input); train it like the float model; ``convert(model)`` returns the same
+packed quantized model ``lowbit.quantize`` would build (``QuantizedLinear`` ... with frozen input
+ranges), so ``lowbit.save`` / ``load`` / export work unchanged. The converted model's output equals the
+QAT model's eval-mode output exactly.
+
+>>> import torch
+>>> model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+>>> qat_model = prepare(model, recipe(4))
+>>> opt = torch.optim.SGD(qat_model.parameters(), lr=0.1)
+>>> for _ in range(3):
+...     loss = qat_model(torch.randn(16, 8)).pow(2).mean()
+...     opt.zero_grad(); loss.backward(); opt.step()
+>>> q = convert(qat_model)
+>>> x = torch.randn(4, 8)
+>>> type(q[0]).__name__, torch.equal(q(x), qat_model.eval()(x))
+('QuantizedLinear', True)
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowbit.nn.layers import QuantizedRNN
+from lowbit.ptq.convert import model_device, set_submodule, to_device
+from lowbit.ptq.convert import prepare as ptq_prepare
+from lowbit.ptq.plan import plan_model
+from lowbit.qat.fake_quant import ActFakeQuant
+from lowbit.qat.modules import QAT_CLASSES, QATModule
+from lowbit.recipes import resolve
+from lowbit.recipes.spec import ActivationSpec, Recipe, WeightSpec
+from lowbit.zoo.base import call_model
+
+
+def recipe(bits: int | str = 4, activation_bits: int | None | str = "same") -> Recipe:
+    """A QAT recipe: ``intN`` symmetric weights per output channel (MSE-initialised scale) and
+    static ``uintN`` asymmetric activations per tensor (zero point: right for post-ReLU inputs).
+
+    ``bits`` is 2..8, or a weight format name such as ``"binary"`` / ``"ternary"`` (then activations
+    default to 8 bits). ``activation_bits=None`` keeps activations float (weight-only QAT).
+
+    >>> r = recipe(2)
+    >>> r.weight.format, r.activation.format, r.activation.mode
+    ('int2', 'uint2', 'static')
+    >>> recipe("ternary").activation.format
+    'uint8'
+    """
+    if isinstance(bits, str):
+        weight = WeightSpec(format=bits, granularity="channel")
+        act_bits: int | None = 8 if activation_bits == "same" else activation_bits  # type: ignore[assignment]
+        name = f"qat-{bits}"
+    else:
+        if not 2 <= bits <= 8:
+            raise ValueError(
+                f"QAT integer recipes have 2..8 bits, got {bits}; use 'binary' or 'ternary' below 2"
+            )
+        weight = WeightSpec(format=f"int{bits}", granularity="channel", symmetric=True, algorithm="mse")
+        act_bits = bits if activation_bits == "same" else activation_bits  # type: ignore[assignment]
+        name = f"qat-w{bits}"
+    if act_bits is None:
+        activation = ActivationSpec()
+        name += "-weight-only"
+    else:
+        if not isinstance(act_bits, int) or not 2 <= act_bits <= 8:
+            raise ValueError(f"activation_bits must be 2..8 or None, got {act_bits!r}")
+        activation = ActivationSpec(
+            mode="static",
+            format=f"uint{act_bits}",
+            granularity="tensor",
+            symmetric=False,
+            observer="minmax" if act_bits == 8 else "mse",  # low widths need clipped ranges
+        )
+        name += f"a{act_bits}"
+    act_text = activation.format if activation.enabled else "float"
+    return Recipe(
+        name=name,
+        description=f"quantization-aware training: {weight.format} weights, {act_text} activations",
+        weight=weight,
+        activation=activation,
+    )
+
+
+def prepare(
+    model: nn.Module, recipe: str | Recipe | dict[str, Any], lsq: bool = False, inplace: bool = False
+) -> nn.Module:
+    """Insert fake quantization into every layer ``recipe`` selects (see the module docstring).
+
+    ``lsq=True`` learns the weight scales (one per output channel for ``channel`` weights) and the
+    activation scales with LSQ; otherwise scales follow the weights and activation ranges an EMA (STE).
+    The returned model trains with any optimizer / loop; fold BatchNorm first (``fold_batchnorm``).
+    """
+    recipe = resolve(recipe)
+    if recipe.smoothquant_alpha is not None or recipe.bias_correction:
+        raise ValueError(
+            f"recipe {recipe.name!r} uses smoothquant_alpha / bias_correction, which are post-training "
+            "corrections; QAT learns them away: drop them from the recipe"
+        )
+    if not inplace:
+        model = copy.deepcopy(model)
+    if any(isinstance(m, QATModule) for m in model.modules()):
+        raise ValueError("the model already contains QAT layers; call lowbit.qat.convert(model) first")
+    plan = plan_model(model, recipe)
+    if not plan.layers:
+        raise ValueError(f"recipe {recipe.name!r} selects no layer of this model; nothing to train")
+    for message in plan.warnings():
+        warnings.warn(f"lowbit: {message}", stacklevel=2)
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        warnings.warn(
+            "lowbit: the model has BatchNorm layers; fold them into the preceding conv first "
+            "(lowbit.qat.fold_batchnorm) so QAT trains the weights that will be deployed",
+            stacklevel=2,
+        )
+    for layer in plan.layers:
+        assert layer.weight is not None
+        cls = QAT_CLASSES[layer.kind]
+        set_submodule(model, layer.name, cls(layer.module, layer.weight, layer.activation, lsq, layer.name))
+    model.lowbit_recipe = recipe
+    model.lowbit_qat_lsq = lsq
+    return model
+
+
+def qat_layers(model: nn.Module) -> dict[str, QATModule]:
+    """Every QAT layer of ``model`` by qualified name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, QATModule)}
+
+
+def calibrate(model: nn.Module, batches: Iterable[Any]) -> None:
+    """Initialise activation ranges from ``batches`` without training: the rest of the model runs in
+    eval mode (BatchNorm statistics and dropout untouched), only the fake-quantizers observe."""
+    quantizers = [m for m in model.modules() if isinstance(m, ActFakeQuant)]
+    was_training = model.training
+    device = model_device(model)
+    count = 0
+    model.eval()
+    for q in quantizers:
+        q.train()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                call_model(model, to_device(batch, device))
+                count += 1
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("calibrate needs at least one input batch")
+
+
+def freeze_observers(model: nn.Module, frozen: bool = True) -> None:
+    """Stop (or resume) updating the EMA activation ranges while training continues.
+
+    Freezing for the last epoch lets the weights adapt to the ranges the converted model will use.
+    """
+    for m in model.modules():
+        if isinstance(m, ActFakeQuant):
+            m.observe = not frozen
+
+
+def convert(model: nn.Module) -> nn.Module:
+    """The packed quantized model for a trained QAT model (a new model; ``model`` is unchanged).
+
+    Layers become ``QuantizedLinear`` / ``QuantizedConv`` / ``QuantizedEmbedding`` / ``QuantizedRNN``
+    with the codes and scales the fake-quantizers used, and static input ranges frozen. Returned in
+    eval mode, with ``lowbit_recipe`` set, ready for ``lowbit.save``.
+    """
+    layers = qat_layers(model)
+    if not layers:
+        raise ValueError("the model has no QAT layers; build it with lowbit.qat.prepare(model, recipe)")
+    recipe = getattr(model, "lowbit_recipe", None)
+    if not isinstance(recipe, Recipe):
+        raise ValueError("the model has no lowbit_recipe; build it with lowbit.qat.prepare(model, recipe)")
+    weights: dict[str, dict[str, Any]] = {name: layer.quantized_weights() for name, layer in layers.items()}
+    ranges = {
+        name: layer.input_quant.frozen()
+        for name, layer in layers.items()
+        if layer.input_quant is not None and layer.input_quant.spec.mode == "static"
+    }
+    float_model = copy.deepcopy(model)
+    for name, layer in layers.items():
+        set_submodule(float_model, name, layer.to_float())
+    single = {name: w["qweight"] for name, w in weights.items() if "qweight" in w}
+    qmodel = ptq_prepare(float_model, recipe, inplace=True, weights=single, warn=False)
+    for name in layers:
+        qlayer = qmodel.get_submodule(name)
+        if isinstance(qlayer, QuantizedRNN):
+            # QuantizedRNN.from_float re-quantizes its matrices itself: put the QAT codes in place.
+            for path, qw in weights[name].items():
+                qlayer.weights[path.split(".", 1)[1]] = qw
+        if name in ranges:
+            if qlayer.input_quant is None:
+                raise ValueError(f"layer {name}: the recipe changed between prepare and convert")
+            qlayer.input_quant.set_qparams(*ranges[name])
+    for attr in ("lowbit_qat_lsq",):
+        if hasattr(qmodel, attr):
+            delattr(qmodel, attr)
+    return qmodel.eval()

@@ -1,0 +1,84 @@
+"""Deep Compression: pruning + zero-preserving k-means codebooks + lzma storage, measured on disk."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import lowbit
+from lowbit import formats
+from lowbit import pruning as P
+from lowbit.eval.metrics import accuracy
+from lowbit.primitives import dequantize, quantize
+from lowbit.pruning.deep_compression import merge_lstm_biases, zero_codebook
+from lowbit.train import batches
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():  # noqa: ANN201
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _task(gen: torch.Generator) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """A teacher-labelled task wide enough that storage, not headers, dominates the file."""
+    teacher = nn.Sequential(nn.Linear(32, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 8))
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)
+    x = torch.randn(1024, 32, generator=gen)
+    return teacher, x, teacher(x).argmax(dim=1).detach()
+
+
+def test_zero_codebook_keeps_pruned_weights_exactly_zero(gen: torch.Generator) -> None:
+    w = torch.randn(16, 64, generator=gen)
+    w[torch.rand(w.shape, generator=gen) < 0.8] = 0
+    qp = zero_codebook(w, 3)
+    assert qp.codebook.numel() == 8 and 0.0 in qp.codebook.flatten().tolist()
+    fmt = formats.get("kmeans_3")
+    back = dequantize(quantize(w, fmt, qp), fmt, qp)
+    assert torch.equal(back[w == 0], torch.zeros(int((w == 0).sum())))
+    kept = w != 0
+    mse = float(((back - w)[kept] ** 2).mean())
+    assert mse < 0.06 * float(w[kept].var()), mse  # 7 Lloyd levels on Gaussian data: ~0.04 of the variance
+
+
+def test_deep_compression_is_small_on_disk_and_keeps_accuracy(gen: torch.Generator, tmp_path) -> None:  # noqa: ANN001
+    teacher, x, y = _task(gen)
+    data = batches(x, y, 64)
+    result = P.deep_compress(
+        teacher, data, sparsity=0.9, bits=4, steps=2, epochs_per_step=2, lr=3e-3, progress=False
+    )
+    assert result.sparsity == pytest.approx(0.9, abs=0.01)
+    assert result.model[2].qweight.fmt.name == "kmeans_4"
+    size = P.disk_size(result.model, teacher)
+    assert size["ratio"] > 15, size  # 4-bit codes alone give 8x; pruning + lzma must add the rest
+    assert accuracy(result.model, [(x, y)]) >= 0.6  # chance is 1/8; digits figures: docs/notes/issue-7.md
+    lowbit.save(result.model, tmp_path / "dc", compression="lzma")
+    skeleton = nn.Sequential(nn.Linear(32, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 8))
+    loaded = lowbit.load(tmp_path / "dc", model=skeleton)
+    torch.testing.assert_close(loaded(x), result.model(x), rtol=0, atol=0)
+
+
+def test_deep_compression_beats_plain_codebooks_on_disk(gen: torch.Generator) -> None:
+    teacher, x, y = _task(gen)
+    dense = lowbit.quantize(teacher, P.deep_compression_recipe(4), progress=False)
+    result = P.deep_compress(teacher, batches(x, y, 64), sparsity=0.9, steps=1, epochs_per_step=1,
+                             centroid_epochs=0, progress=False)  # fmt: skip
+    assert (
+        P.disk_size(result.model, teacher)["tensor_bytes"] < 0.6 * P.disk_size(dense, teacher)["tensor_bytes"]
+    )
+
+
+def test_merging_lstm_biases_keeps_the_output(gen: torch.Generator) -> None:
+    lstm = nn.LSTM(4, 6, batch_first=True)
+    with torch.no_grad():
+        lstm.bias_hh_l0.copy_(torch.randn(24, generator=gen))
+    x = torch.randn(3, 5, 4, generator=gen)
+    reference = lstm(x)[0]
+    merge_lstm_biases(lstm)
+    assert torch.equal(lstm.bias_hh_l0, torch.zeros(24))
+    torch.testing.assert_close(lstm(x)[0], reference, rtol=1e-6, atol=1e-6)
