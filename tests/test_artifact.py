@@ -130,7 +130,7 @@ def test_failed_save_keeps_the_previous_artifact(saved, monkeypatch):
 def test_lzma_compressed_artifact_round_trips(tmp_path):
     q = lowbit.quantize(small_model(), "kmeans-4bit")
     manifest = lowbit.save(q, tmp_path / "z", compression="lzma")
-    assert (tmp_path / "z" / "model.safetensors.xz").is_file()
+    assert sorted(p.name for p in (tmp_path / "z").iterdir()) == ["lowbit.json.xz", "model.safetensors.xz"]
     assert manifest["file"]["bytes"] == os.path.getsize(tmp_path / "z" / "model.safetensors.xz")
     x = torch.randn(2, 1, 8, 8)
     assert torch.equal(lowbit.load(tmp_path / "z", model=small_model())(x), q(x))

@@ -8,17 +8,27 @@
 
 __version__ = "0.1.0"
 
+from lowbit import pruning, qat, train  # noqa: E402
+from lowbit.analysis import search, sensitivity  # noqa: E402
 from lowbit.api import calibrate, convert, load, prepare, quantize, save, size_report  # noqa: E402
+from lowbit.distill import DistillationLoss, distill  # noqa: E402
 from lowbit.recipes import Recipe  # noqa: E402
 
 __all__ = [
+    "DistillationLoss",
     "Recipe",
     "__version__",
     "calibrate",
     "convert",
+    "distill",
     "load",
     "prepare",
+    "pruning",
+    "qat",
     "quantize",
     "save",
+    "search",
+    "sensitivity",
     "size_report",
+    "train",
 ]

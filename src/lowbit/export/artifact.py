@@ -178,8 +178,14 @@ def save(
         "sha256": hashlib.sha256(data).hexdigest(),
     }
     manifest["metrics"] = metrics or {}
-    text = json.dumps(manifest, indent=2) + "\n"
-    _write_atomically(Path(directory), {COMPRESSIONS[compression]: data, MANIFEST_FILE: text.encode()})
+    files = {COMPRESSIONS[compression]: data}
+    if compression == "lzma":
+        # A compressed artifact is about size: the manifest is entropy-coded too (on tiny models an
+        # indented manifest would outweigh the tensors). ``read_manifest`` reads either form.
+        files[MANIFEST_FILE + ".xz"] = lzma.compress(json.dumps(manifest, separators=(",", ":")).encode())
+    else:
+        files[MANIFEST_FILE] = (json.dumps(manifest, indent=2) + "\n").encode()
+    _write_atomically(Path(directory), files)
     return manifest
 
 
@@ -187,15 +193,18 @@ def save(
 
 
 def read_manifest(directory: str | Path) -> dict[str, Any]:
-    """Parse and sanity-check ``lowbit.json``."""
+    """Parse and sanity-check ``lowbit.json`` (or ``lowbit.json.xz`` in a compressed artifact)."""
     path = Path(directory) / MANIFEST_FILE
     if not Path(directory).is_dir():
         raise ArtifactError(f"{directory} is not a directory; give the folder lowbit.save wrote")
-    if not path.is_file():
+    packed = path.with_name(MANIFEST_FILE + ".xz")
+    if not path.is_file() and not packed.is_file():
         raise ArtifactError(f"{path} is missing; this is not a lowbit artifact (expected {MANIFEST_FILE})")
     try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raw = path.read_bytes() if path.is_file() else lzma.decompress(packed.read_bytes())
+        manifest = json.loads(raw.decode())
+    except (json.JSONDecodeError, UnicodeDecodeError, lzma.LZMAError) as err:
+        path = path if path.is_file() else packed
         raise ArtifactError(f"{path} is not valid JSON ({err}); the artifact is corrupt") from None
     version = manifest.get("lowbit_artifact") if isinstance(manifest, dict) else None
     if version != ARTIFACT_VERSION:

@@ -287,12 +287,19 @@ class QuantizedRNN(QuantizedModule):
 
     @classmethod
     def from_float(
-        cls, module: nn.LSTM | nn.GRU, spec: WeightSpec, name: str = "", qweight: dict | None = None
+        cls,
+        module: nn.LSTM | nn.GRU,
+        spec: WeightSpec,
+        name: str = "",
+        qweight: dict[str, QuantizedWeight] | None = None,
     ) -> QuantizedRNN:
+        """``qweight`` optionally supplies packed weights chosen elsewhere (QAT), keyed by parameter
+        name (``weight_ih_l0``) or by path (``weights.weight_ih_l0``)."""
+        given = {k.removeprefix("weights."): v for k, v in (qweight or {}).items()}
         weights, biases = {}, {}
         for pname, p in module.named_parameters():
             if pname.startswith("weight"):
-                weights[pname] = quantize_weight(p, spec, f"layer {name or '?'} {pname}")
+                weights[pname] = given.get(pname) or quantize_weight(p, spec, f"layer {name or '?'} {pname}")
             else:
                 biases[pname] = p
         return cls(cls._config(module), weights, biases)

@@ -35,9 +35,9 @@ from lowbit.algorithms.gptq import HessianAccumulator, conv_input_rows, gptq_qua
 from lowbit.algorithms.smoothquant import channel_absmax, smoothquant_scales
 from lowbit.granularity import parse
 from lowbit.nn.base import QuantizedModule
-from lowbit.nn.layers import QUANTIZED_CLASSES, linear_weight, quantize_weight
+from lowbit.nn.layers import is_hf_conv1d, linear_weight, quantize_weight
 from lowbit.nn.qweight import QuantizedWeight
-from lowbit.ptq.convert import model_device, set_submodule, to_device
+from lowbit.ptq.convert import model_device, to_device
 from lowbit.ptq.plan import LayerPlan, plan_model
 from lowbit.recipes.spec import Recipe
 from lowbit.zoo.base import call_model
@@ -73,14 +73,18 @@ def _run(
         handle.remove()
 
 
-def call_order(model: nn.Module, layers: list[LayerPlan], batch: Any) -> list[LayerPlan]:
-    """``layers`` sorted by when the forward pass first calls them; layers never called are an error."""
-    first_call: dict[str, int] = {}
+def call_order(model: nn.Module, layers: list[LayerPlan], batch: Any) -> list[list[LayerPlan]]:
+    """``layers`` in the order the forward pass first calls them, grouped: consecutive layers that
+    read the very same input tensor (q, k and v projections) form one group, so their statistics
+    come from one pass. Layers never called are an error."""
+    first_call: dict[str, tuple[int, int]] = {}
     handles = []
     for layer in layers:
 
-        def hook(_m: nn.Module, _a: Any, name: str = layer.name) -> None:
-            first_call.setdefault(name, len(first_call))
+        def hook(_m: nn.Module, args: tuple[Any, ...], name: str = layer.name) -> None:
+            x = args[0] if args else None
+            ident = x.data_ptr() if isinstance(x, torch.Tensor) else id(x)
+            first_call.setdefault(name, (len(first_call), ident))
 
         handles.append(layer.module.register_forward_pre_hook(hook))
     try:
@@ -95,7 +99,14 @@ def call_order(model: nn.Module, layers: list[LayerPlan], batch: Any) -> list[La
             f"layer {missing[0]} is never called on the calibration data, so it cannot be calibrated; "
             "exclude it from the recipe or give batches that reach it"
         )
-    return sorted(layers, key=lambda layer: first_call[layer.name])
+    groups: list[list[LayerPlan]] = []
+    for layer in sorted(layers, key=lambda p: first_call[p.name][0]):
+        same_input = groups and first_call[groups[-1][0].name][1] == first_call[layer.name][1]
+        if same_input and layer.kind == groups[-1][0].kind == "linear":
+            groups[-1].append(layer)
+        else:
+            groups.append([layer])
+    return groups
 
 
 def _weight_matrix(layer: LayerPlan) -> torch.Tensor:
@@ -116,19 +127,24 @@ def _supports_matrix_algorithm(layer: LayerPlan) -> bool:
     return layer.kind == "linear" or (layer.kind == "conv" and layer.module.groups == 1)
 
 
-def _swap_in(
-    work: nn.Module, layer: LayerPlan, qweight: QuantizedWeight, smooth: torch.Tensor | None
-) -> None:
-    """Replace the layer in the working copy, so later layers see its quantized output."""
-    assert layer.weight is not None
-    qmodule = QUANTIZED_CLASSES[layer.kind].from_float(
-        layer.module, layer.weight, layer.name, qweight=qweight
-    )
-    qmodule.set_input_smooth(smooth)
-    set_submodule(work, layer.name, qmodule)
+def _write_back(layer: LayerPlan, qweight: QuantizedWeight, smooth: torch.Tensor | None) -> None:
+    """Put the quantized weight (dequantized, with any input smoothing folded back in) into the float
+    layer of the working copy: later layers then see exactly the quantized output, at float speed."""
+    w = qweight.dequantize()
+    if smooth is not None:
+        w = w / smooth  # (x / s) @ W_q^T == x @ (W_q / s)^T
+    module = layer.module
+    with torch.no_grad():
+        if layer.kind == "conv":
+            module.weight.copy_(w.reshape(module.weight.shape))
+        elif is_hf_conv1d(module):  # Hugging Face Conv1D stores the weight transposed
+            module.weight.copy_(w.t())
+        else:
+            module.weight.copy_(w)
 
 
-def _sequential_layers(model: nn.Module, recipe: Recipe, algorithm: str, calibration: Sequence[Any]):
+def _sequential_groups(model: nn.Module, recipe: Recipe, algorithm: str, calibration: Sequence[Any]):
+    """A working copy of the model and its layers that use ``algorithm``, grouped by shared input."""
     work = copy.deepcopy(model).eval()
     layers = [
         p for p in plan_model(work, recipe).layers if p.weight is not None and p.weight.algorithm == algorithm
@@ -141,38 +157,48 @@ def gptq_weights(
 ) -> dict[str, Any]:
     """GPTQ for every layer whose weight spec says ``algorithm: gptq`` (round to nearest for
     embeddings, RNNs and grouped convolutions, which have no input Hessian)."""
-    work, layers = _sequential_layers(model, recipe, "gptq", calibration)
+    work, groups = _sequential_groups(model, recipe, "gptq", calibration)
     weights: dict[str, QuantizedWeight] = {}
-    bar = tqdm(layers, desc="GPTQ", unit="layer", disable=not progress, leave=False)
-    for layer in bar:
-        assert layer.weight is not None
-        what = f"layer {layer.name} weight"
-        if not _supports_matrix_algorithm(layer):
-            weights[layer.name] = quantize_weight(layer.module.weight, layer.weight, what)
-            continue
-        fmt = formats.get(layer.weight.format)
-        if fmt.family != "int":
-            raise ValueError(
-                f"GPTQ needs an integer format (int2..int8, uint2..uint8); {layer.name} asks for {fmt.name}"
+    bar = tqdm(
+        total=sum(len(g) for g in groups), desc="GPTQ", unit="layer", disable=not progress, leave=False
+    )
+    for group in groups:
+        first = group[0]
+        hessian = None
+        if _supports_matrix_algorithm(first):
+            acc = HessianAccumulator(_weight_matrix(first).shape[1], device=first.module.weight.device)
+            _run(work, calibration, first.module, lambda x, p=first, acc=acc: acc.update(_input_rows(p, x)))
+            hessian = acc.hessian()  # shared by every layer of the group: they read the same input
+        for layer in group:
+            assert layer.weight is not None
+            what = f"layer {layer.name} weight"
+            if hessian is None:
+                weights[layer.name] = quantize_weight(layer.module.weight, layer.weight, what)
+                bar.update()
+                continue
+            fmt = formats.get(layer.weight.format)
+            if fmt.family != "int":
+                raise ValueError(
+                    f"GPTQ needs an integer format (int2..int8, uint2..uint8); "
+                    f"{layer.name} asks for {fmt.name}"
+                )
+            w = _weight_matrix(layer)
+            g = parse(layer.weight.granularity)
+            codes, qp = gptq_quantize(w, hessian, fmt, g, layer.weight.symmetric)
+            qw = QuantizedWeight.from_codes(codes, fmt, qp, g, layer.weight.symmetric, tuple(w.shape))
+            qw.algorithm = "gptq"
+            rtn = quantize_weight(w, layer.weight, what)
+            qw.info = {
+                "gptq_error": reconstruction_error(w, qw.dequantize(), hessian),
+                "rtn_error": reconstruction_error(w, rtn.dequantize(), hessian),
+            }
+            bar.set_postfix_str(
+                f"{layer.name} err {qw.info['gptq_error']:.3g} (rtn {qw.info['rtn_error']:.3g})"
             )
-        w = _weight_matrix(layer)
-        acc = HessianAccumulator(w.shape[1], device=w.device)
-        _run(
-            work, calibration, layer.module, lambda x, layer=layer, acc=acc: acc.update(_input_rows(layer, x))
-        )
-        hessian = acc.hessian()
-        g = parse(layer.weight.granularity)
-        codes, qp = gptq_quantize(w, hessian, fmt, g, layer.weight.symmetric)
-        qw = QuantizedWeight.from_codes(codes, fmt, qp, g, layer.weight.symmetric, tuple(w.shape))
-        qw.algorithm = "gptq"
-        rtn = quantize_weight(w, layer.weight, what)
-        qw.info = {
-            "gptq_error": reconstruction_error(w, qw.dequantize(), hessian),
-            "rtn_error": reconstruction_error(w, rtn.dequantize(), hessian),
-        }
-        bar.set_postfix_str(f"{layer.name} err {qw.info['gptq_error']:.3g} (rtn {qw.info['rtn_error']:.3g})")
-        weights[layer.name] = qw
-        _swap_in(work, layer, qw, None)
+            bar.update()
+            weights[layer.name] = qw
+            _write_back(layer, qw, None)
+    bar.close()
     return {"weights": weights}
 
 
@@ -180,39 +206,52 @@ def awq_weights(
     model: nn.Module, recipe: Recipe, calibration: Sequence[Any], progress: bool = True
 ) -> dict[str, Any]:
     """AWQ for every linear layer whose weight spec says ``algorithm: awq``: per-input-channel
-    scales searched on calibration inputs, then a clipping search, then round to nearest."""
-    work, layers = _sequential_layers(model, recipe, "awq", calibration)
+    scales searched on calibration inputs (shared by layers that read the same input, as q / k / v),
+    then a clipping search per layer, then round to nearest."""
+    work, groups = _sequential_groups(model, recipe, "awq", calibration)
     weights: dict[str, QuantizedWeight] = {}
     smooth: dict[str, torch.Tensor] = {}
-    bar = tqdm(layers, desc="AWQ", unit="layer", disable=not progress, leave=False)
-    for layer in bar:
-        assert layer.weight is not None
-        what = f"layer {layer.name} weight"
-        if layer.kind != "linear":
-            weights[layer.name] = quantize_weight(layer.module.weight, layer.weight, what)
+    bar = tqdm(total=sum(len(g) for g in groups), desc="AWQ", unit="layer", disable=not progress, leave=False)
+    for group in groups:
+        first = group[0]
+        assert first.weight is not None
+        if first.kind != "linear":
+            for layer in group:
+                assert layer.weight is not None
+                weights[layer.name] = quantize_weight(
+                    layer.module.weight, layer.weight, f"layer {layer.name} weight"
+                )
+                bar.update()
             continue
-        fmt, g = formats.get(layer.weight.format), parse(layer.weight.granularity)
-        w = _weight_matrix(layer)
         sample: list[torch.Tensor] = []
-        totals = {"abs": torch.zeros(w.shape[1], device=w.device), "rows": 0}
+        totals: dict[str, Any] = {"abs": 0.0, "rows": 0}
 
         def collect(x: torch.Tensor, sample=sample, totals=totals) -> None:
             rows = x.detach().reshape(-1, x.shape[-1]).float()
-            totals["abs"] += rows.abs().sum(dim=0)
+            totals["abs"] = totals["abs"] + rows.abs().sum(dim=0)
             totals["rows"] += rows.shape[0]
             if sum(r.shape[0] for r in sample) < AWQ_SAMPLE_ROWS:
                 sample.append(rows[:AWQ_SAMPLE_ROWS])
 
-        _run(work, calibration, layer.module, collect)
+        _run(work, calibration, first.module, collect)
         x = torch.cat(sample)[:AWQ_SAMPLE_ROWS]
         act_mean = totals["abs"] / max(int(totals["rows"]), 1)
-        s = awq_search_scales(w, x, fmt, g, layer.weight.symmetric, act_mean=act_mean)
-        scaled = w * s  # columns scaled up; the input is divided by s at run time
-        qp = awq_search_clip(scaled, x / s, fmt, g, layer.weight.symmetric)
-        qw = QuantizedWeight.from_float(scaled, fmt, g, layer.weight.symmetric, qparams=qp, what=what)
-        qw.algorithm = "awq"
-        weights[layer.name], smooth[layer.name] = qw, s
-        _swap_in(work, layer, qw, s)
+        fmt, g = formats.get(first.weight.format), parse(first.weight.granularity)
+        matrices = [_weight_matrix(layer) for layer in group]
+        s = awq_search_scales(matrices, x, fmt, g, first.weight.symmetric, act_mean=act_mean)
+        for layer, w in zip(group, matrices, strict=True):
+            assert layer.weight is not None
+            lfmt, lg = formats.get(layer.weight.format), parse(layer.weight.granularity)
+            scaled = w * s  # columns scaled up; the input is divided by s at run time
+            qp = awq_search_clip(scaled, x / s, lfmt, lg, layer.weight.symmetric)
+            qw = QuantizedWeight.from_float(
+                scaled, lfmt, lg, layer.weight.symmetric, qparams=qp, what=f"layer {layer.name} weight"
+            )
+            qw.algorithm = "awq"
+            weights[layer.name], smooth[layer.name] = qw, s
+            _write_back(layer, qw, s)
+            bar.update()
+    bar.close()
     return {"weights": weights, "input_smooth": smooth}
 
 
