@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
 from lowbit.analysis import check_calibration, diagnose, snapshot_ranges
 from lowbit.ptq.convert import prepare, run_batches
+
+
+@pytest.fixture(autouse=True)
+def seeded() -> None:
+    """Branchy's layers initialise from the global RNG: fix it, so no test depends on test order."""
+    torch.manual_seed(0)
 
 
 class Branchy(nn.Module):

@@ -128,11 +128,16 @@ def run_batches(
     return count
 
 
-def calibrate(model: nn.Module, batches: Iterable[Any] | None, progress: bool = True) -> None:
+def calibrate(
+    model: nn.Module, batches: Iterable[Any] | None, progress: bool = True, diagnose: bool = True
+) -> None:
     """Feed calibration batches to every observing activation quantizer of a prepared model.
 
     Batches may be tensors, tuples (positional arguments) or dicts (keyword arguments), as a
-    ``DataLoader`` yields them; they are moved to the model's device.
+    ``DataLoader`` yields them; they are moved to the model's device. With ``diagnose`` (default)
+    a warning says when the data looks too small or unrepresentative: too few samples, or ranges
+    still moving between the first half of the batches and all of them (see
+    ``lowbit.analysis.diagnostics``), with a suggested sample count.
     """
     if not observing_quantizers(model):
         return
@@ -141,11 +146,22 @@ def calibrate(model: nn.Module, batches: Iterable[Any] | None, progress: bool = 
             "this recipe calibrates activations (static mode) and needs calibration data: pass "
             "calibration=[batch, ...] with a few representative input batches"
         )
-    count = run_batches(model, batches, progress)
-    if count == 0:
+    batches = list(batches)
+    if not batches:
         raise ValueError(
             "the calibration data is empty: pass at least one input batch (a few dozen samples is typical)"
         )
+    from lowbit.analysis.diagnostics import count_samples, snapshot_ranges
+    from lowbit.analysis.diagnostics import diagnose as diagnose_ranges
+
+    half = len(batches) // 2
+    run_batches(model, batches[:half], progress)
+    first_half = snapshot_ranges(model) if half else {}
+    run_batches(model, batches[half:], progress)
+    if diagnose:
+        samples = sum(count_samples(b) for b in batches)
+        for finding in diagnose_ranges(model, first_half, samples):
+            warnings.warn(f"lowbit: {finding}", stacklevel=2)
 
 
 def convert(model: nn.Module) -> nn.Module:
