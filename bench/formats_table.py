@@ -1,21 +1,24 @@
-"""How much error each number format adds to a weight matrix, as Markdown tables.
+"""How much error each number format adds to a weight matrix, as Markdown tables, and how long the
+learned k-means grid takes.
 
 For a Gaussian weight and a heavy-tailed one (Student-t, 3 degrees of freedom: a few large outliers,
 like real LLM weights), quantize-dequantize with every format at three granularities and report
 the mean squared error and the signal-to-quantization-noise ratio, SQNR = 10 log10(sum x^2 / sum e^2).
 Plain round-to-nearest with full-range (absmax / min-max) parameters: no clipping search, no
-calibration, so the numbers compare the formats themselves.
+calibration, so the numbers compare the formats themselves. Then time ``choose_qparams`` for
+``kmeans_4`` (the learned grid) per tensor, per channel and per group of 128: median of repeats.
 
 Usage::
 
-    python bench/formats_table.py [--size 4096] [--seed 0]
+    python bench/formats_table.py [--size 4096] [--seed 0] [--threads 2] [--repeats 3] [--no-tables]
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
+import os
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -45,23 +48,17 @@ class Entry:
 
 
 def entries() -> list[Entry]:
-    rows = [Entry(f"int{b}", f"int{b}") for b in range(2, 9)]
-    rows += [Entry("int4 asym", "int4", symmetric=False), Entry("uint8 asym", "uint8", symmetric=False)]
+    """Every format family: integers symmetric and with a zero point, the unsigned integers (the same
+    grid as the signed ones once a zero point shifts it), the fixed grids, and the learned ones."""
+    rows = []
+    for bits in range(8, 1, -1):
+        rows += [Entry(f"int{bits}", f"int{bits}"), Entry(f"int{bits} asym", f"int{bits}", symmetric=False)]
+    rows += [Entry("uint8 asym", "uint8", symmetric=False), Entry("uint4 asym", "uint4", symmetric=False)]
     rows += [Entry(name, name) for name in ("binary", "ternary", "fp16", "bf16")]
     rows += [Entry(name, name) for name in ("fp8_e4m3", "fp8_e5m2", "fp4_e2m1", "nf4", "log2_4")]
-    # Learned formats join once their algorithms exist (they are written separately).
-    if module_exists("lowbit.algorithms.kmeans"):
-        rows += [Entry("kmeans_4", "kmeans_4"), Entry("quantile_4", "quantile_4")]
-    if module_exists("lowbit.algorithms.pq"):
-        rows += [Entry("pq (8 bits x 4 dims)", "pq", per_granularity=False)]
+    rows += [Entry("kmeans_4", "kmeans_4"), Entry("quantile_4", "quantile_4")]
+    rows += [Entry("pq (8 bits x 4 dims)", "pq", per_granularity=False)]
     return rows
-
-
-def module_exists(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except ModuleNotFoundError:
-        return False
 
 
 def weights(size: int, seed: int) -> dict[str, torch.Tensor]:
@@ -75,7 +72,11 @@ def weights(size: int, seed: int) -> dict[str, torch.Tensor]:
 
 
 def measure(w: torch.Tensor, entry: Entry, gran: Granularity) -> tuple[float, float]:
-    """(MSE, SQNR in dB) of quantize-dequantize, accumulated in float64."""
+    """(MSE, SQNR in dB) of quantize-dequantize, accumulated in float64.
+
+    >>> round(measure(torch.tensor([[0.5, -1.0]]), Entry("int8", "int8"), PerTensor())[0], 12)
+    0.0
+    """
     fmt = F.get(entry.name)
     qp = choose_qparams(w, fmt, gran, entry.symmetric)
     error = (fake_quantize(w, fmt, qp) - w).double()
@@ -86,6 +87,7 @@ def measure(w: torch.Tensor, entry: Entry, gran: Granularity) -> tuple[float, fl
 
 
 def table(w: torch.Tensor, title: str) -> str:
+    """One Markdown table: a row per format, MSE and SQNR per granularity."""
     header = "| format | code bits | " + " | ".join(f"{g} MSE | {g} SQNR dB" for g, _ in GRANULARITIES) + " |"
     lines = [f"### {title}", "", header, "|" + " --- |" * (2 + 2 * len(GRANULARITIES))]
     for entry in entries():
@@ -107,18 +109,53 @@ def table(w: torch.Tensor, title: str) -> str:
     return "\n".join(lines)
 
 
+def kmeans_timing(w: torch.Tensor, repeats: int) -> str:
+    """Markdown table: wall and CPU seconds of ``choose_qparams(w, kmeans_4, granularity)``.
+
+    CPU time (all threads of this process) is reported next to wall time because on a shared
+    machine wall time mostly measures the neighbours; with one thread it is the wall time an idle
+    core would take.
+    """
+    fmt = F.get("kmeans_4")
+    lines = [
+        "| granularity | wall s (median) | wall s (min) | CPU s (median) | MSE |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for gran_name, gran in GRANULARITIES:
+        wall, cpu = [], []
+        for _ in range(repeats):
+            start, start_cpu = time.perf_counter(), time.process_time()
+            qp = choose_qparams(w, fmt, gran)
+            wall.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - start_cpu)
+        mse = float((fake_quantize(w, fmt, qp) - w).double().pow(2).mean())
+        lines.append(
+            f"| {gran_name} | {statistics.median(wall):.2f} | {min(wall):.2f} | "
+            f"{statistics.median(cpu):.2f} | {mse:.3e} |"
+        )
+        print(f"  kmeans_4 {gran_name}: wall {[round(s, 2) for s in wall]}", file=sys.stderr)
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=4096, help="the weight is size x size (default 4096)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    parser.add_argument("--repeats", type=int, default=3, help="timing repeats per granularity")
+    parser.add_argument("--no-tables", action="store_true", help="only time kmeans_4")
     args = parser.parse_args(argv)
-    missing = [m for m in ("kmeans", "pq") if not module_exists(f"lowbit.algorithms.{m}")]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    mats = weights(args.size, args.seed)
     print(f"## Quantization error by format ({args.size}x{args.size}, seed {args.seed})\n")
-    if missing:
-        names = ", ".join(f"lowbit.algorithms.{m}" for m in missing)
-        print(f"Not measured (module not available yet): {names}\n")
-    for title, w in weights(args.size, args.seed).items():
-        print(table(w, title) + "\n")
+    if not args.no_tables:
+        for title, w in mats.items():
+            print(table(w, title) + "\n", flush=True)
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    print(f"### kmeans_4 `choose_qparams` time, Gaussian {args.size}x{args.size}\n")
+    print(f"torch threads: {torch.get_num_threads()}, CPUs: {os.cpu_count()}, load average before: {load}\n")
+    print(kmeans_timing(mats["Gaussian N(0, 1)"], args.repeats) + "\n")
 
 
 if __name__ == "__main__":

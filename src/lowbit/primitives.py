@@ -17,6 +17,7 @@ input's device.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -108,7 +109,14 @@ def qparams_from_range(
             top = fmt.qmax if fmt.qmax > 0 else -fmt.qmin
             scale = torch.clamp(amax / top, min=EPS)
             return QParams(scale, None, block)
-        scale = torch.clamp((max_val - min_val) / float(fmt.qmax - fmt.qmin), min=EPS)
+        steps = float(fmt.qmax - fmt.qmin)
+        scale = (max_val - min_val) / steps
+        # A range wider than the largest float32 (-3e38..3e38) overflows the subtraction; only there
+        # divide first (and saturate: uint1 has one step), so the usual path stays bit-exact with
+        # PyTorch's observers.
+        wide = (max_val / steps - min_val / steps).clamp(max=torch.finfo(torch.float32).max)
+        scale = torch.where(torch.isfinite(scale), scale, wide)
+        scale = torch.clamp(scale, min=EPS)
         zp = fmt.qmin - torch.round(min_val / scale).to(torch.int32)
         return QParams(scale, torch.clamp(zp, fmt.qmin, fmt.qmax).to(torch.int32), block)
     if fmt.family == "grid":
@@ -148,10 +156,7 @@ def choose_qparams(
     xb = to_blocks(x.float(), block)
     dims = block_dims(x.dim())
     if fmt.family == "codebook":
-        from lowbit.algorithms.kmeans import learn_grid
-
-        rows = _blocks_as_rows(xb)
-        grid = learn_grid(rows, fmt.levels, fmt.learner or "kmeans")
+        grid = _learn_block_grids(x, xb, block, fmt)
         return QParams(torch.ones(bshape, device=x.device), None, block, grid.reshape(*bshape, fmt.levels))
     if fmt.scale_rule == "mean_abs" or fmt.scale_rule == "twn":
         scale = _mean_abs_scale(x, xb, block, dims, twn=fmt.scale_rule == "twn")
@@ -163,18 +168,49 @@ def choose_qparams(
     return qparams_from_range(lo, hi, fmt, block, symmetric)
 
 
+def _learn_block_grids(
+    x: torch.Tensor, xb: torch.Tensor, block: tuple[int, ...], fmt: Format
+) -> torch.Tensor:
+    """One learned grid per block, ``[n_blocks, levels]``, from the block's real values only.
+
+    The zero padding of partial blocks (a group cut short at the end of a row) must not be learned:
+    it would pull centroids and quantiles towards zero, and a constant block would lose exactness.
+    Partial blocks are grouped by which of their entries are real and learned group by group.
+    """
+    from lowbit.algorithms.kmeans import learn_grid
+
+    learner = fmt.learner or "kmeans"
+    rows = _blocks_as_rows(xb)
+    real = _blocks_as_rows(to_blocks(torch.ones_like(x, dtype=torch.float32), block)) > 0
+    partial = ~real.all(dim=1)
+    if not bool(partial.any()):
+        return learn_grid(rows, fmt.levels, learner)
+    grid = torch.empty(rows.shape[0], fmt.levels, device=rows.device)
+    whole = ~partial
+    if bool(whole.any()):
+        grid[whole] = learn_grid(rows[whole], fmt.levels, learner)
+    partial_rows = torch.nonzero(partial).reshape(-1)
+    patterns, which = torch.unique(real[partial_rows], dim=0, return_inverse=True)
+    for k, pattern in enumerate(patterns):
+        members = partial_rows[which == k]
+        grid[members] = learn_grid(rows[members][:, pattern], fmt.levels, learner)
+    return grid
+
+
 def _mean_abs_scale(
     x: torch.Tensor, xb: torch.Tensor, block: tuple[int, ...], dims: tuple[int, ...], twn: bool
 ) -> torch.Tensor:
     """Binary: mean |x| per block (L2-optimal for sign). Ternary: TWN's mean of |x| above 0.7 E|x|."""
     mag = xb.abs()
     count = to_blocks(torch.ones_like(x, dtype=torch.float32), block)  # padding does not count
-    mean = mag.sum(dim=dims) / count.sum(dim=dims).clamp(min=1)
+    # Sums in float64: a float32 sum of values near 3e38 overflows although their mean does not.
+    mean = (mag.sum(dim=dims, dtype=torch.float64) / count.sum(dim=dims).clamp(min=1)).float()
     if not twn:
         return mean
     delta = expand_params(0.7 * mean, x.dim())
     keep = (mag > delta).float() * count
-    return (mag * keep).sum(dim=dims) / keep.sum(dim=dims).clamp(min=1)
+    kept = (mag * keep).sum(dim=dims, dtype=torch.float64)
+    return (kept / keep.sum(dim=dims).clamp(min=1)).float()
 
 
 # --- codes ------------------------------------------------------------------------------------------
@@ -223,7 +259,8 @@ def dequantize(
         from lowbit.algorithms.pq import decode_pq
 
         shape = qparams.block
-        return decode_pq(codes, _codebook(qparams, fmt), shape[-1] if shape else 1).reshape(shape).to(dtype)
+        cols = _as_matrix(torch.empty(shape, device="meta")).shape[1]  # the matrix view quantize used
+        return decode_pq(codes, _codebook(qparams, fmt), cols).reshape(shape).to(dtype)
     shape = tuple(codes.shape)
     if codes.numel() == 0:
         return torch.empty(shape, dtype=dtype, device=codes.device)
@@ -388,4 +425,5 @@ def _as_matrix(x: torch.Tensor) -> torch.Tensor:
         return x.reshape(1, 1)
     if x.dim() == 1:
         return x.reshape(1, -1)
-    return x.reshape(x.shape[0], -1)
+    # Not reshape(rows, -1): with zero rows the column count would be ambiguous.
+    return x.reshape(x.shape[0], math.prod(x.shape[1:]))

@@ -33,7 +33,19 @@ def choose_weight_qparams(
     symmetric: bool = True,
     algorithm: str = "rtn",
 ) -> QParams:
-    """Quantization parameters for a weight: full range (``rtn``) or MSE-searched clipping (``mse``)."""
+    """Quantization parameters for a weight: full range (``rtn``) or MSE-searched clipping (``mse``).
+
+    Formats that learn their grid (codebooks, product quantization) and casts have nothing to clip:
+    they always take ``choose_qparams``'s parameters.
+
+    >>> import lowbit.formats as F
+    >>> from lowbit.granularity import PerChannel
+    >>> w = torch.linspace(-1, 1, 64).reshape(1, 64) ** 3  # most values near zero, a few large
+    >>> rtn = choose_weight_qparams(w, F.get("int3"), PerChannel(0))
+    >>> mse = choose_weight_qparams(w, F.get("int3"), PerChannel(0), algorithm="mse")
+    >>> float(mse.scale) < float(rtn.scale)  # clipping the few large values pays off at 3 bits
+    True
+    """
     if algorithm == "rtn" or fmt.family not in ("int", "grid") or w.numel() == 0:
         return choose_qparams(w, fmt, granularity, symmetric)
     if algorithm != "mse":
