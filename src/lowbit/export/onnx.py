@@ -1,0 +1,390 @@
+"""``export_onnx``: a quantized model as an ONNX graph that ONNX Runtime runs with integer kernels.
+
+How: every quantized Linear / Conv / Embedding is swapped for a marker that runs the reference
+computation while PyTorch traces (so shapes are right) and exports as a single ``lowbit::Layer``
+node. The float rest of the model is exported by PyTorch's TorchScript exporter. Each marker is
+then replaced by nodes built from lowbit's own codes and scales (``lowbit.export.onnx_lower``),
+so ONNX Runtime computes what lowbit's quantized model computes. LSTM / GRU layers are exported as
+ONNX's float recurrent ops on the dequantized weights and reported as such.
+
+>>> import torch, lowbit, tempfile, os
+>>> model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+>>> q = lowbit.quantize(model, "int8-dynamic", progress=False)
+>>> path = os.path.join(tempfile.mkdtemp(), "m.onnx")
+>>> report = export_onnx(q, path, (torch.randn(2, 64),))
+>>> [layer.kernel for layer in report.layers]
+['MatMulIntegerToFloat', 'MatMulIntegerToFloat']
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import io
+import json
+import warnings
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+from onnx import helper
+from torch import nn
+
+from lowbit.export.onnx_lower import (
+    MS,
+    Builder,
+    ExportOptions,
+    Kernel,
+    choose_kernel,
+    lower_conv,
+    lower_dynamic_group,
+    lower_embedding,
+    lower_linear,
+)
+from lowbit.nn.base import QuantizedModule
+from lowbit.nn.layers import QuantizedConv, QuantizedEmbedding, QuantizedLinear, QuantizedRNN
+
+OPSET = 17
+# Ops whose arithmetic is integer (or integer weights unpacked inside the kernel).
+INTEGER_OPS = frozenset(
+    {
+        "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulInteger", "MatMulNBits", "QLinearConv",
+        "QLinearMatMul", "ConvInteger", "QGemm", "QAttention", "DynamicQuantizeLSTM", "QLinearAdd",
+    }
+)  # fmt: skip
+# Float ops that do the heavy lifting (what should have become integer, if anything).
+FLOAT_COMPUTE_OPS = frozenset(
+    {"MatMul", "Gemm", "Conv", "LSTM", "GRU", "RNN", "Attention", "FusedMatMul", "FusedConv", "FusedGemm"}
+)
+
+
+@dataclass
+class LayerExport:
+    """How one quantized layer was exported."""
+
+    name: str
+    kind: str
+    kernel: str
+    precision: str
+    storage_only: bool = False
+    note: str = ""
+
+
+@dataclass
+class ExportReport:
+    """What ``export_onnx`` wrote: per-layer kernels, op counts, bytes.
+
+    ``fallbacks`` lists the layers ORT computes in float (storage-only formats, float recurrent ops);
+    they are never reported as integer-accelerated.
+    """
+
+    path: str
+    layers: list[LayerExport] = field(default_factory=list)
+    op_counts: dict[str, int] = field(default_factory=dict)
+    file_bytes: int = 0
+    u8u8: bool = False
+    warnings: list[str] = field(default_factory=list)
+    fusions: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def fallbacks(self) -> list[LayerExport]:
+        return [layer for layer in self.layers if layer.precision == "float"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "file_bytes": self.file_bytes,
+            "u8u8": self.u8u8,
+            "op_counts": dict(self.op_counts),
+            "fusions": dict(self.fusions),
+            "layers": [asdict(layer) for layer in self.layers],
+            "warnings": list(self.warnings),
+        }
+
+    def to_text(self) -> str:
+        lines = [f"exported {self.path} ({self.file_bytes / 1e6:.2f} MB)"]
+        by_kernel = Counter(f"{layer.kernel} ({layer.precision})" for layer in self.layers)
+        lines += [f"  {count:3d} x {kernel}" for kernel, count in by_kernel.most_common()]
+        for layer in self.fallbacks:
+            tag = "storage-only" if layer.storage_only else "float"
+            lines.append(f"  {tag}: {layer.name}: {layer.note}")
+        lines += [f"  warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+class _LayerOp(torch.autograd.Function):
+    """Runs the quantized layer while tracing; exports as one ``lowbit::Layer`` node."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, index: int, marker: _Marker) -> torch.Tensor:  # type: ignore[override]
+        # Run the reference layer untraced: only its output matters, the exported node is ours.
+        state = torch._C._get_tracing_state()
+        torch._C._set_tracing_state(None)
+        try:
+            out = marker.layer[0](x)
+        finally:
+            torch._C._set_tracing_state(state)
+        marker.out_shape = tuple(out.shape)
+        return out
+
+    @staticmethod
+    def symbolic(g: Any, x: Any, index: int, marker: _Marker) -> Any:
+        y = g.op("lowbit::Layer", x, index_i=index)
+        # Rank and feature size keep the exporter's shape inference going past our custom node; the
+        # other dims stay unknown, else the exporter would bake the traced batch / sequence in.
+        sizes = [None] * (len(marker.out_shape) - 1) + [marker.out_shape[-1]]
+        if isinstance(marker.layer[0], QuantizedConv):
+            sizes = [None, marker.out_shape[1]] + [None] * (len(marker.out_shape) - 2)
+        y.setType(x.type().with_dtype(torch.float32).with_sizes(sizes))
+        return y
+
+
+class _Marker(nn.Module):
+    def __init__(self, index: int, layer: nn.Module) -> None:
+        super().__init__()
+        self.index = index
+        self.layer = [layer]  # a list: not a submodule, so its buffers are not exported as inputs
+        self.out_shape: tuple[int, ...] = ()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _LayerOp.apply(x, self.index, self)
+
+
+def _float_rnn(layer: QuantizedRNN) -> nn.Module:
+    """A float LSTM/GRU on the dequantized weights (ONNX Runtime has no integer-weight GRU, and its
+    DynamicQuantizeLSTM quantizes per tensor, which lowbit's reference does not)."""
+    cls = nn.LSTM if layer.config["mode"] == "LSTM" else nn.GRU
+    rnn = cls(**{k: v for k, v in layer.config.items() if k != "mode"})
+    state = {n: qw.dequantize() for n, qw in layer.weights.items()}
+    state.update({n: getattr(layer, n).detach() for n in layer.bias_names})
+    rnn.load_state_dict(state)
+    return rnn.eval()
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    if not name:
+        return new
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+    return model
+
+
+def _resolve_u8u8(options: ExportOptions) -> bool:
+    if options.u8u8 is not None:
+        return options.u8u8
+    from lowbit.doctor import cpu_features
+
+    return cpu_features().int8_saturates
+
+
+def _as_inputs(model: nn.Module, example_inputs: Any) -> tuple[tuple[Any, ...], list[str]]:
+    """Positional example inputs and their names (dict batches follow ``forward``'s signature)."""
+    params = [p for p in inspect.signature(model.forward).parameters if p not in ("self",)]
+    if isinstance(example_inputs, dict):
+        names = [p for p in params if p in example_inputs]
+        unknown = set(example_inputs) - set(names)
+        if unknown:
+            raise ValueError(f"example inputs {sorted(unknown)} are not arguments of the model's forward")
+        if names != params[: len(names)]:
+            raise ValueError(
+                f"example inputs {names} skip an earlier forward argument; pass them in order {params}"
+            )
+        return tuple(example_inputs[n] for n in names), names
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    args = tuple(example_inputs)
+    names = params[: len(args)] if len(params) >= len(args) else [f"input_{i}" for i in range(len(args))]
+    return args, names
+
+
+def _dynamic_axes(args: tuple[Any, ...], names: list[str], n_out: int) -> dict[str, dict[int, str]]:
+    """Batch is always dynamic; token inputs (integer, 2-D) also get a dynamic sequence length."""
+    text = any(isinstance(a, torch.Tensor) and not a.is_floating_point() and a.dim() == 2 for a in args)
+    axes: dict[str, dict[int, str]] = {}
+    for name, a in zip(names, args, strict=True):
+        axes[name] = {0: "batch"}
+        if text and a.dim() >= 2:
+            axes[name][1] = "sequence"
+    for i in range(n_out):
+        axes[f"output_{i}"] = {0: "batch"}
+    return axes
+
+
+def export_onnx(
+    qmodel: nn.Module,
+    path: str | Path,
+    example_inputs: Any,
+    *,
+    options: ExportOptions | None = None,
+    opset: int = OPSET,
+) -> ExportReport:
+    """Export ``qmodel`` (from ``lowbit.quantize``) to ``path`` for ONNX Runtime.
+
+    ``example_inputs``: a tensor, a tuple of positional tensors, or a dict batch (tokenised text).
+    The batch dimension (and the sequence length of token inputs) stays dynamic. Returns an
+    :class:`ExportReport` listing each layer's kernel; layers ORT computes in float are listed in
+    ``report.fallbacks``.
+
+    >>> import torch, lowbit, tempfile, os
+    >>> q = lowbit.quantize(torch.nn.Sequential(torch.nn.Linear(64, 8)), "int4-weight-only",
+    ...                     progress=False)
+    >>> r = export_onnx(q, os.path.join(tempfile.mkdtemp(), "m.onnx"), torch.randn(1, 64))
+    >>> r.layers[0].kernel, r.layers[0].precision
+    ('MatMulNBits', 'int4')
+    """
+    options = options or ExportOptions()
+    path = Path(path)
+    # Logical parameter count (float params + every packed weight's values), for bits/param checks.
+    params = sum(p.numel() for p in qmodel.parameters()) + sum(
+        m.numel for m in qmodel.modules() if type(m).__name__ == "QuantizedWeight"
+    )
+    u8u8 = _resolve_u8u8(options)
+    model = copy.deepcopy(qmodel).eval()
+    layers: list[tuple[str, QuantizedModule, Kernel]] = []
+    report = ExportReport(path=str(path), u8u8=u8u8)
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, QuantizedModule):
+            continue
+        if isinstance(module, QuantizedRNN):
+            model = _set_module(model, name, _float_rnn(module))
+            note = f"{module.config['mode']} run as ONNX float op on dequantized weights"
+            if module.input_quant is not None:
+                note += "; its input is not quantized in ORT"
+            report.layers.append(LayerExport(name, module.kind, module.config["mode"], "float", False, note))
+            continue
+        kernel = choose_kernel(module)
+        model = _set_module(model, name, _Marker(len(layers), module))
+        layers.append((name, module, kernel))
+        report.layers.append(
+            LayerExport(name, module.kind, kernel.name, kernel.precision, kernel.storage_only, kernel.note)
+        )
+    args, names = _as_inputs(model, example_inputs)
+    with torch.no_grad():
+        n_out = _count_outputs(model(*args))
+    buffer = io.BytesIO()
+    output_names = [f"output_{i}" for i in range(n_out)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about Python control flow are expected here
+        torch.onnx.export(
+            model, args, buffer, dynamo=False, opset_version=opset, input_names=names,
+            output_names=output_names, dynamic_axes=_dynamic_axes(args, names, n_out),
+            custom_opsets={"lowbit": 1} if layers else None,
+        )  # fmt: skip
+    graph_model = onnx.load_from_string(buffer.getvalue())
+    _lower_markers(graph_model, layers, options, u8u8)
+    if options.transformer_fusions:
+        graph_model = _transformer_fusions(graph_model, report)
+    meta = {"lowbit.layers": json.dumps([asdict(x) for x in report.layers]), "lowbit.params": str(params)}
+    for key, value in meta.items():
+        graph_model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(graph_model, str(path))
+    report.file_bytes = path.stat().st_size
+    report.op_counts = dict(Counter(n.op_type for n in graph_model.graph.node))
+    return report
+
+
+def _count_outputs(out: Any) -> int:
+    if isinstance(out, (tuple, list)):
+        return len(out)
+    return 1
+
+
+def _lower_markers(
+    model: onnx.ModelProto, layers: list[tuple[str, QuantizedModule, Kernel]], opts: ExportOptions, u8u8: bool
+) -> None:
+    """Replace every ``lowbit::Layer`` node, in place, by the nodes of its kernel."""
+    graph = model.graph
+    io_of = {
+        helper.get_attribute_value(n.attribute[0]): (n.input[0], n.output[0])
+        for n in graph.node
+        if n.domain == "lowbit"
+    }
+    groups = _fusable_groups(io_of, layers, u8u8) if opts.fuse_shared_inputs else {}
+    done: set[int] = set()
+    new_nodes = []
+    for node in graph.node:
+        if node.domain != "lowbit":
+            new_nodes.append(node)
+            continue
+        index = helper.get_attribute_value(node.attribute[0])
+        if index in done:
+            continue
+        name, layer, kernel = layers[index]
+        b = Builder()
+        prefix = "/" + name.replace(".", "/")
+        x, y = io_of[index]
+        if index in groups:
+            members = groups[index]
+            group = [layers[i][1] for i in members]
+            lower_dynamic_group(b, group, x, [io_of[i][1] for i in members], prefix, kernel, u8u8)
+            done.update(members)
+        elif isinstance(layer, QuantizedLinear):
+            lower_linear(b, layer, x, y, prefix, opts, kernel, u8u8)
+        elif isinstance(layer, QuantizedConv):
+            lower_conv(b, layer, x, y, prefix, kernel, u8u8)
+        elif isinstance(layer, QuantizedEmbedding):
+            lower_embedding(b, layer, x, y, prefix, kernel)
+        else:  # pragma: no cover - choose_kernel only marks the three kinds above
+            raise ValueError(f"layer {name}: {type(layer).__name__} cannot be lowered to ONNX")
+        done.add(index)
+        new_nodes.extend(b.nodes)
+        graph.initializer.extend(b.initializers)
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    # The exporter guessed shapes for the marker outputs; drop them and let ORT infer the real ones.
+    marker_outputs = {y for _, y in io_of.values()}
+    kept = [v for v in graph.value_info if v.name not in marker_outputs]
+    del graph.value_info[:]
+    graph.value_info.extend(kept)
+    opsets = [o for o in model.opset_import if o.domain not in ("lowbit", MS)]
+    del model.opset_import[:]
+    model.opset_import.extend(opsets + [helper.make_opsetid(MS, 1)])
+
+
+def _fusable_groups(
+    io_of: dict[int, tuple[str, str]], layers: list[tuple[str, QuantizedModule, Kernel]], u8u8: bool
+) -> dict[int, list[int]]:
+    """First index -> all indices of dynamic per-tensor int8 linears that read the same input
+    (attention's query / key / value). One quantization of the input serves them all exactly."""
+    by_input: dict[str, list[int]] = {}
+    for index, (x, _y) in sorted(io_of.items()):
+        _name, layer, kernel = layers[index]
+        if kernel.name in ("DynamicQuantizeMatMul", "MatMulIntegerToFloat") and (
+            getattr(layer, "input_smooth", None) is None
+        ):
+            key = f"{x}|{kernel.name}|{layer.input_quant.spec if layer.input_quant else None}"
+            by_input.setdefault(key, []).append(index)
+    return {members[0]: members for members in by_input.values() if len(members) > 1}
+
+
+def _transformer_fusions(model: onnx.ModelProto, report: ExportReport) -> onnx.ModelProto:
+    """ONNX Runtime's transformer optimizer (python fusions only, ``opt_level=0``) on transformer-like
+    graphs. ORT's session optimizer does not fuse GELU in these lowered graphs; this pass does."""
+    if not any(n.op_type == "LayerNormalization" for n in model.graph.node):
+        return model
+    try:
+        import logging
+
+        from onnxruntime.transformers.optimizer import optimize_model
+    except ImportError:
+        return model
+    # It logs (under several top-level logger names) every fusion it could not apply; quiet it.
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            optimized = optimize_model(model, model_type="bert", num_heads=0, hidden_size=0, opt_level=0)
+        fused = {k: v for k, v in optimized.get_fused_operator_statistics().items() if v}
+        report.fusions = fused
+        return optimized.model
+    except Exception as err:  # the optimizer is best effort: keep the unfused graph, say so
+        report.warnings.append(f"transformer fusions skipped: {type(err).__name__}: {err}")
+        return model
+    finally:
+        logging.disable(previous)
