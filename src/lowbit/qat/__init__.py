@@ -13,6 +13,23 @@ from lowbit.qat.core import calibrate, convert, freeze_observers, prepare, qat_l
 from lowbit.qat.fake_quant import ActFakeQuant, WeightFakeQuant
 from lowbit.qat.modules import QATRNN, QATConv, QATEmbedding, QATLinear, QATModule
 
+
+def demo_techniques() -> list:
+    """Training-time rows for ``lowbit demo`` / ``lowbit compare`` (QAT 4 and 2 bits, ternary QAT,
+    50% pruning + int8, Deep Compression), each trained on demand from the float digits model.
+
+    >>> [t.name for t in demo_techniques()][:2]
+    ['QAT 4-bit', 'QAT 2-bit']
+    """
+    from lowbit.eval.compare import Technique
+    from lowbit.qat.demo import DEFAULT_KEYS, ROWS, demo_rows
+
+    def builder(key: str):
+        return lambda zm: demo_rows(zm, keys=(key,))[0]["model"]
+
+    return [Technique(ROWS[key][0], builder(key), ROWS[key][1]) for key in DEFAULT_KEYS]
+
+
 __all__ = [
     "ActFakeQuant",
     "QATConv",
@@ -23,6 +40,7 @@ __all__ = [
     "WeightFakeQuant",
     "calibrate",
     "convert",
+    "demo_techniques",
     "fold_batchnorm",
     "freeze_observers",
     "prepare",

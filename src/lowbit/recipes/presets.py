@@ -74,10 +74,12 @@ PRESETS: dict[str, Recipe] = {
         ),
         Recipe(
             name="int8-smoothquant",
-            description="static W8A8 with SmoothQuant (alpha 0.5) moving activation outliers into weights",
+            description="static W8A8 with SmoothQuant (alpha 0.7) moving activation outliers into weights",
             weight=WeightSpec(format="int8"),
             activation=_STATIC,
-            smoothquant_alpha=0.5,
+            # Measured on MiniLM (64 held-out sentences): alpha 0.3 -> cosine 0.893, 0.5 -> 0.990,
+            # 0.7 -> 0.998, 0.85 -> 0.998; BERT-style encoders want more migration than OPT's 0.5.
+            smoothquant_alpha=0.7,
         ),
         Recipe(
             name="int8-static-bc",
