@@ -73,7 +73,10 @@ def measure_disk(model: nn.Module, directory: str | Path | None = None) -> DiskS
         disk = os.path.getsize(weights)
         if disk != manifest["file"]["bytes"]:  # would mean the manifest lies about the file
             raise RuntimeError(f"{weights} is {disk} bytes but its manifest says {manifest['file']['bytes']}")
-        return DiskSize(disk, os.path.getsize(target / MANIFEST_FILE), size_report(model))
+        manifest_path = target / MANIFEST_FILE
+        if not manifest_path.is_file():  # a compressed artifact stores lowbit.json.xz
+            manifest_path = target / (MANIFEST_FILE + ".xz")
+        return DiskSize(disk, os.path.getsize(manifest_path), size_report(model))
 
 
 def model_inputs(data: Sequence[Any], metric: str | None) -> list[Any]:

@@ -89,7 +89,12 @@ def ort_latency(
             with _quiet_native_stderr():
                 export_onnx(float_model, Path(tmp) / "float.onnx", example)
             report = export_onnx(qmodel, Path(tmp) / "quant.onnx", example)
-            sessions = [load(Path(tmp) / "float.onnx"), load(Path(tmp) / "quant.onnx")]
+            # No spinning worker threads: they would keep burning the cores and slow whatever is
+            # timed next (PyTorch rows included).
+            sessions = [
+                load(Path(tmp) / "float.onnx", spin=False),
+                load(Path(tmp) / "quant.onnx", spin=False),
+            ]
         except Exception as err:  # export support differs per format; report it, do not crash a table
             return {"error": f"{type(err).__name__}: {err}".splitlines()[0][:300]}
         feeds = [s.feeds(*args, **kwargs) for s in sessions]

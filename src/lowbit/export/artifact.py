@@ -153,15 +153,18 @@ def save(
     model: nn.Module,
     directory: str | Path,
     metrics: dict[str, Any] | None = None,
-    compression: str = "none",
+    compression: str | None = None,
 ) -> dict[str, Any]:
     """Write ``directory/model.safetensors`` and ``directory/lowbit.json`` atomically; returns the manifest.
 
     ``metrics`` (optional, JSON-ready) is stored as provenance, e.g. the accuracy you measured.
     ``compression="lzma"`` entropy-codes the tensor file (``model.safetensors.xz``): smaller on disk
     for low-entropy codes (pruned or clustered weights), decoded on load. An existing artifact
-    directory is replaced as a whole.
+    directory is replaced as a whole. ``None`` uses the model's own preference
+    (``model.lowbit_compression``, set e.g. by the Deep Compression pipeline), else ``"none"``.
     """
+    if compression is None:
+        compression = getattr(model, "lowbit_compression", "none")
     if compression not in COMPRESSIONS:
         raise ValueError(f"unknown compression {compression!r}; choose one of {', '.join(COMPRESSIONS)}")
     tensors, aliases = _dedupe(model.state_dict())

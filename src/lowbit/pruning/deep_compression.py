@@ -236,6 +236,7 @@ def deep_compress(
         round_biases_bf16(work)
     qmodel = pack_kmeans(work, bits, recipe)
     qmodel.lowbit_recipe = recipe
+    qmodel.lowbit_compression = "lzma"  # the last stage: lowbit.save entropy-codes this model
     return DeepCompressionResult(qmodel, pruned.masks, pruned.masks.sparsity(), bits, pruned, tuned)
 
 

