@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -45,6 +46,18 @@ from lowbit.zoo.base import call_model
 # AWQ measures each candidate scaling on a sample of the layer's input rows: enough rows to rank
 # candidates reliably, few enough that the search costs milliseconds per layer.
 AWQ_SAMPLE_ROWS = 4096
+
+
+@contextmanager
+def _one_thread():
+    """Run the per-column GPTQ solve on one thread: its many small ops cost more in OpenMP
+    synchronisation than they gain from a second core (the forward passes keep all threads)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 class _StopForward(Exception):
@@ -184,7 +197,8 @@ def gptq_weights(
                 )
             w = _weight_matrix(layer)
             g = parse(layer.weight.granularity)
-            codes, qp = gptq_quantize(w, hessian, fmt, g, layer.weight.symmetric)
+            with _one_thread():
+                codes, qp = gptq_quantize(w, hessian, fmt, g, layer.weight.symmetric)
             qw = QuantizedWeight.from_codes(codes, fmt, qp, g, layer.weight.symmetric, tuple(w.shape))
             qw.algorithm = "gptq"
             rtn = quantize_weight(w, layer.weight, what)
