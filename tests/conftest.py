@@ -10,3 +10,12 @@ import torch
 def gen() -> torch.Generator:
     """A CPU generator with a fixed seed (each test gets a fresh one, so tests do not depend on order)."""
     return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture(scope="module")
+def one_thread():  # noqa: ANN201
+    """The digits models are tiny: one thread is faster than two fighting over a busy machine."""
+    from lowbit.threads import single_thread
+
+    with single_thread():
+        yield

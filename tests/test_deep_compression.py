@@ -14,13 +14,8 @@ from lowbit.primitives import dequantize, quantize
 from lowbit.pruning.deep_compression import merge_lstm_biases, zero_codebook
 from lowbit.train import batches
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():  # noqa: ANN201
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# The digits models are tiny: one thread (see conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _task(gen: torch.Generator) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:

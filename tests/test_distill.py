@@ -10,13 +10,8 @@ from torch.nn import functional as F
 from lowbit.distill import DistillationLoss, distill, kd_loss
 from lowbit.train import batches, fit
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():  # noqa: ANN201
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# The digits models are tiny: one thread (see conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _mlp(seed: int) -> nn.Module:

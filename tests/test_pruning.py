@@ -13,13 +13,8 @@ from lowbit.pruning import sparse
 from lowbit.train import batches, fit
 from lowbit.zoo.digits import DigitsCNN
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():  # noqa: ANN201
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# The digits models are tiny: one thread (see conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _mlp(gen: torch.Generator) -> nn.Module:

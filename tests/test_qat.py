@@ -13,14 +13,8 @@ from lowbit.eval.metrics import accuracy
 from lowbit.nn import QuantizedConv, QuantizedLinear, QuantizedRNN
 from lowbit.recipes import ActivationSpec, Recipe, WeightSpec
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():  # noqa: ANN201
-    """The digits models are tiny: one thread is faster than two fighting over a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# The digits models are tiny: one thread (see conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class TinyCNN(nn.Module):

@@ -59,7 +59,7 @@ def quantize(
     calibrate(qmodel, calibration, progress=progress)
     convert(qmodel)
     if recipe.bias_correction:
-        qmodel.lowbit_bias_correction = correct_biases(model, qmodel, calibration, progress)  # type: ignore[arg-type]
+        correct_biases(model, qmodel, calibration, progress)  # type: ignore[arg-type]
     return qmodel
 
 

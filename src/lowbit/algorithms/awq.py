@@ -28,6 +28,7 @@ from collections.abc import Sequence
 
 import torch
 
+from lowbit.algorithms.rtn import search_clip
 from lowbit.formats import Format
 from lowbit.granularity import Granularity, block_shape
 from lowbit.primitives import QParams, check_finite, choose_qparams, dequantize, quantize
@@ -207,20 +208,8 @@ def awq_search_clip(
     g = gram(x).to(w.device)
     block = block_shape(granularity, w.shape)
     steps = max(1, round(max_shrink * n_grid)) if max_shrink > 0 else 1
-    best: QParams | None = None
-    best_err: torch.Tensor | None = None
-    for i in range(steps):
-        ratio = 1.0 - max_shrink * i / n_grid
-        qp = choose_qparams(w, fmt, granularity, symmetric, clip_ratio=ratio)
-        err = _block_errors(w - dequantize(quantize(w, fmt, qp), fmt, qp), g, block)
-        if best is None or best_err is None:
-            best, best_err = qp, err
-            continue
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        zp = None
-        if best.zero_point is not None and qp.zero_point is not None:
-            zp = torch.where(better, qp.zero_point, best.zero_point)
-        best = QParams(torch.where(better, qp.scale, best.scale), zp, block)
-    assert best is not None
-    return best
+    ratios = [1.0 - max_shrink * i / n_grid for i in range(steps)]
+    # Output error of each block on the calibration inputs: (delta G delta^T) per row and column block.
+    return search_clip(
+        w, fmt, granularity, symmetric, ratios, lambda delta, _qp: _block_errors(delta, g, block)
+    )

@@ -16,6 +16,8 @@ True
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
 
 from lowbit.formats import Format
@@ -50,12 +52,42 @@ def choose_weight_qparams(
         return choose_qparams(w, fmt, granularity, symmetric)
     if algorithm != "mse":
         raise ValueError(f"unknown weight algorithm {algorithm!r}; use 'rtn' or 'mse'")
+    dims = block_dims(w.dim())
+
+    def squared_error(delta: torch.Tensor, qp: QParams) -> torch.Tensor:
+        return to_blocks(delta**2, qp.block).sum(dim=dims)
+
+    return search_clip(w, fmt, granularity, symmetric, CLIP_RATIOS, squared_error)
+
+
+def search_clip(
+    w: torch.Tensor,
+    fmt: Format,
+    granularity: Granularity,
+    symmetric: bool,
+    ratios: Sequence[float],
+    block_error: Callable[[torch.Tensor, QParams], torch.Tensor],
+) -> QParams:
+    """Per block, the clip ratio whose quantization error is smallest.
+
+    ``block_error(dequantized - w, qparams)`` scores one candidate per block (shaped like the
+    scale); the weight MSE here, the output error on calibration inputs in AWQ. Ties keep the
+    earlier (wider) ratio.
+
+    >>> import lowbit.formats as F
+    >>> from lowbit.granularity import PerChannel
+    >>> w = torch.randn(4, 64)
+    >>> row_error = lambda delta, qp: delta.pow(2).sum(1, keepdim=True)
+    >>> qp = search_clip(w, F.get("int4"), PerChannel(0), True, (1.0, 0.9), row_error)
+    >>> qp.scale.shape
+    torch.Size([4, 1])
+    """
+    w = w.float()
     best: QParams | None = None
     best_err: torch.Tensor | None = None
-    dims = block_dims(w.dim())
-    for ratio in CLIP_RATIOS:
+    for ratio in ratios:
         qp = choose_qparams(w, fmt, granularity, symmetric, clip_ratio=ratio)
-        err = to_blocks((dequantize(quantize(w, fmt, qp), fmt, qp) - w.float()) ** 2, qp.block).sum(dim=dims)
+        err = block_error(dequantize(quantize(w, fmt, qp), fmt, qp) - w, qp)
         if best is None or best_err is None:
             best, best_err = qp, err
             continue
@@ -65,5 +97,6 @@ def choose_weight_qparams(
         if best.zero_point is not None and qp.zero_point is not None:
             zp = torch.where(better, qp.zero_point, best.zero_point)
         best = QParams(torch.where(better, qp.scale, best.scale), zp, qp.block)
-    assert best is not None
+    if best is None:
+        raise ValueError("search_clip needs at least one candidate ratio")
     return best

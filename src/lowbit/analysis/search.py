@@ -262,7 +262,6 @@ def search(
     recipe = _recipe(layers, assignment, specs, metric, max_drop, budget_bytes)
     qmodel = _assemble(model, assignment, cache)
     qmodel.lowbit_recipe = recipe  # what lowbit.save records
-    qmodel.lowbit_plan_warnings = []
     stored = size_report(qmodel).stored_bytes
     final = evaluated.get(final_k) or measure(final_k)
     met = (max_drop is None or (final.risk <= max_drop and hold_score.drop <= max_drop)) and (

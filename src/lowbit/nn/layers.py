@@ -13,7 +13,6 @@ True
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -326,10 +325,6 @@ class QuantizedRNN(QuantizedModule):
 
     def float_config(self) -> dict[str, Any]:
         return dict(self.config)
-
-    @property
-    def weight_params(self) -> int:
-        return sum(math.prod(qw.shape) for qw in self.weights.values())
 
 
 QUANTIZED_CLASSES: dict[str, type[QuantizedModule]] = {

@@ -32,7 +32,7 @@ from lowbit.nn.activation import ActivationQuantizer
 from lowbit.nn.base import QuantizedModule
 from lowbit.nn.layers import QUANTIZED_CLASSES
 from lowbit.nn.qweight import QuantizedWeight
-from lowbit.ptq.plan import Plan, plan_model
+from lowbit.ptq.plan import plan_model
 from lowbit.recipes import resolve
 from lowbit.recipes.spec import Recipe
 from lowbit.zoo.base import call_model
@@ -81,7 +81,6 @@ def prepare(
             qmodule.set_input_smooth(input_smooth[layer.name])
         set_submodule(model, layer.name, qmodule)
     model.lowbit_recipe = recipe  # recorded in the artifact
-    model.lowbit_plan_warnings = plan.warnings()
     return model
 
 
@@ -174,8 +173,3 @@ def convert(model: nn.Module) -> nn.Module:
 def quantized_layers(model: nn.Module) -> dict[str, QuantizedModule]:
     """Every quantized layer of ``model`` by qualified name."""
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantizedModule)}
-
-
-def plan_for(model: nn.Module, recipe: str | Recipe | dict[str, Any]) -> Plan:
-    """The plan ``prepare`` would follow, without changing anything (for ``lowbit doctor``)."""
-    return plan_model(model, resolve(recipe))

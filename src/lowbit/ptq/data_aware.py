@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -41,23 +40,12 @@ from lowbit.nn.qweight import QuantizedWeight
 from lowbit.ptq.convert import model_device, to_device
 from lowbit.ptq.plan import LayerPlan, plan_model
 from lowbit.recipes.spec import Recipe
+from lowbit.threads import single_thread
 from lowbit.zoo.base import call_model
 
 # AWQ measures each candidate scaling on a sample of the layer's input rows: enough rows to rank
 # candidates reliably, few enough that the search costs milliseconds per layer.
 AWQ_SAMPLE_ROWS = 4096
-
-
-@contextmanager
-def _one_thread():
-    """Run the per-column GPTQ solve on one thread: its many small ops cost more in OpenMP
-    synchronisation than they gain from a second core (the forward passes keep all threads)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 class _StopForward(Exception):
@@ -197,7 +185,7 @@ def gptq_weights(
                 )
             w = _weight_matrix(layer)
             g = parse(layer.weight.granularity)
-            with _one_thread():
+            with single_thread():  # many small ops: a second thread only adds sync cost
                 codes, qp = gptq_quantize(w, hessian, fmt, g, layer.weight.symmetric)
             qw = QuantizedWeight.from_codes(codes, fmt, qp, g, layer.weight.symmetric, tuple(w.shape))
             qw.algorithm = "gptq"
@@ -269,6 +257,30 @@ def awq_weights(
     return {"weights": weights, "input_smooth": smooth}
 
 
+def _observe_inputs(
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    on_input: Callable[[str, torch.Tensor], None],
+    calibration: Sequence[Any],
+    desc: str,
+    progress: bool,
+) -> None:
+    """One full pass over the calibration data, calling ``on_input(name, x)`` with the input of
+    every module in ``modules`` (by name) each time it runs."""
+    handles = [
+        module.register_forward_pre_hook(lambda _m, args, name=name: on_input(name, args[0]))
+        for name, module in modules.items()
+    ]
+    device = model_device(model)
+    try:
+        with torch.no_grad():
+            for batch in tqdm(calibration, desc=desc, disable=not progress, leave=False):
+                call_model(model, to_device(batch, device))
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def smoothquant_weights(
     model: nn.Module, recipe: Recipe, calibration: Sequence[Any], progress: bool = True
 ) -> dict[str, Any]:
@@ -278,22 +290,13 @@ def smoothquant_weights(
     assert alpha is not None
     layers = [p for p in plan_model(model, recipe).layers if p.kind == "linear" and p.activation.enabled]
     maxima: dict[str, torch.Tensor] = {}
-    handles = []
-    for layer in layers:
 
-        def hook(_m: nn.Module, args: tuple[Any, ...], name: str = layer.name) -> None:
-            current = channel_absmax(args[0])
-            maxima[name] = current if name not in maxima else torch.maximum(maxima[name], current)
+    def running_max(name: str, x: torch.Tensor) -> None:
+        current = channel_absmax(x)
+        maxima[name] = current if name not in maxima else torch.maximum(maxima[name], current)
 
-        handles.append(layer.module.register_forward_pre_hook(hook))
-    device = model_device(model)
-    try:
-        with torch.no_grad():
-            for batch in tqdm(calibration, desc="SmoothQuant", disable=not progress, leave=False):
-                call_model(model, to_device(batch, device))
-    finally:
-        for h in handles:
-            h.remove()
+    modules = {layer.name: layer.module for layer in layers}
+    _observe_inputs(model, modules, running_max, calibration, "SmoothQuant", progress)
     weights, smooth = {}, {}
     for layer in layers:
         assert layer.weight is not None
@@ -321,25 +324,16 @@ def correct_biases(
     }
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
-    handles = []
-    for name, qmodule in targets.items():
-        channel_dim = 1 if qmodule.kind == "conv" else -1
 
-        def hook(_m: nn.Module, args: tuple[Any, ...], name: str = name, dim: int = channel_dim) -> None:
-            x = args[0].detach().float().movedim(dim, -1)
-            rows = x.reshape(-1, x.shape[-1])
-            sums[name] = sums.get(name, 0) + rows.sum(dim=0)
-            counts[name] = counts.get(name, 0) + rows.shape[0]
+    def channel_sums(name: str, x: torch.Tensor) -> None:
+        channel_dim = 1 if targets[name].kind == "conv" else -1
+        rows = x.detach().float().movedim(channel_dim, -1)
+        rows = rows.reshape(-1, rows.shape[-1])
+        sums[name] = sums.get(name, 0) + rows.sum(dim=0)
+        counts[name] = counts.get(name, 0) + rows.shape[0]
 
-        handles.append(float_model.get_submodule(name).register_forward_pre_hook(hook))
-    device = model_device(float_model)
-    try:
-        with torch.no_grad():
-            for batch in tqdm(calibration, desc="bias correction", disable=not progress, leave=False):
-                call_model(float_model, to_device(batch, device))
-    finally:
-        for h in handles:
-            h.remove()
+    modules = {name: float_model.get_submodule(name) for name in targets}
+    _observe_inputs(float_model, modules, channel_sums, calibration, "bias correction", progress)
     applied = {}
     for name, qmodule in targets.items():
         if name not in sums:

@@ -8,12 +8,11 @@
 'QuantizedLinear'
 """
 
-import torch
-
 from lowbit.qat.bn_fold import fold_batchnorm
 from lowbit.qat.core import calibrate, convert, freeze_observers, prepare, qat_layers, recipe
 from lowbit.qat.fake_quant import ActFakeQuant, WeightFakeQuant
 from lowbit.qat.modules import QATRNN, QATConv, QATEmbedding, QATLinear, QATModule
+from lowbit.threads import single_thread
 
 
 def demo_techniques() -> list:
@@ -28,14 +27,8 @@ def demo_techniques() -> list:
 
     def builder(key: str):
         def build(zm):
-            # Tiny digits models train fastest on one thread: with two, OpenMP synchronisation costs
-            # more than the math (measured: ternary QAT 5.3 s on one thread, 57 s on two).
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-            try:
+            with single_thread():  # tiny digits models train fastest on one thread
                 return demo_rows(zm, keys=(key,))[0]["model"]
-            finally:
-                torch.set_num_threads(threads)
 
         return build
 
