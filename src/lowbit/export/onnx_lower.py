@@ -8,9 +8,11 @@ exported), so what the report says is what the graph contains.
 Kernels (``Kernel.name``):
 
 ==========================  ==================================================================
-``DynamicQuantizeMatMul``   int8 weights, dynamic per-tensor uint8 activations (one fused op)
-``MatMulIntegerToFloat``    int8 weights, dynamic per-token uint8 activations (row scales applied after)
-``QDQ``                     static int8: Q/DQ pairs that ORT fuses to QLinearConv / QLinearMatMul
+``DynamicQuantizeMatMul``   int8 weights, dynamic per-tensor uint8 activations (one fused op; layers
+                            sharing an input: one DynamicQuantizeLinear + MatMulIntegerToFloat each)
+``MatMulIntegerToFloat``    int8 weights, dynamic per-token activations (row scales applied after)
+``QDQ``                     static activations: Q/DQ pairs that ORT fuses to QLinearConv /
+                            QLinearMatMul; 2-7-bit codes ride in int8 Q/DQ with an integer clamp
 ``MatMulNBits``             2/4/8-bit block-wise weight-only (weights dequantized inside the kernel)
 ``GatherDequant``           integer embedding table gathered as codes, dequantized per looked-up row
 ``fp16-storage``            fp16/bf16 weights stored at half size, computed in fp32
@@ -111,8 +113,20 @@ def _storage_kernel(qw: QuantizedWeight, what: str) -> Kernel:
     )
 
 
+def _narrow_static(qw: QuantizedWeight, aq: Any) -> bool:
+    """Integer weights (per row) and static integer activations, all at most 8 bits and not both
+    exactly int8: their codes fit int8 / uint8 Q/DQ, the activation codes clamped to their range."""
+    narrow = qw.fmt.bits < 8 or aq.fmt.bits < 8
+    fits = _is_int(qw) and qw.fmt.bits <= 8 and _per_row_scales(qw)
+    return narrow and fits and aq.fmt.family == "int" and aq.fmt.bits <= 8
+
+
 def choose_kernel(layer: QuantizedModule) -> Kernel:
     """The ONNX Runtime kernel ``layer`` gets (see the module docstring for the list).
+
+    Static layers with integer weights (per channel / tensor) and integer activations of at most 8
+    bits, narrower than W8A8, also get ``QDQ``: their N-bit codes held in int8 / uint8 Q/DQ
+    (precision ``int{N}``, the wider of the two widths).
 
     >>> from lowbit.recipes import WeightSpec
     >>> lin = QuantizedLinear.from_float(torch.nn.Linear(16, 4), WeightSpec(format="nf4",
@@ -131,6 +145,10 @@ def choose_kernel(layer: QuantizedModule) -> Kernel:
     aq = layer.input_quant
     int8_weights = _is_int(qw) and qw.fmt.bits == 8 and _per_row_scales(qw)
     if aq is not None:
+        if aq.spec.mode == "static" and _narrow_static(qw, aq):
+            wb, ab = qw.fmt.bits, aq.fmt.bits
+            note = f"W{wb}A{ab}: N-bit codes in int8 QDQ ({aq.fmt.name} clamp); ORT fuses to QLinear ops"
+            return Kernel("QDQ", f"int{max(wb, ab)}", note=note)
         if not int8_weights or aq.fmt.name not in ("uint8", "int8"):
             why = "int8 per-channel weights with 8-bit activations"
             return Kernel("float", "float", True, f"{qw.fmt.name} weights + activations: ORT needs {why}")
@@ -277,12 +295,34 @@ def _float_weight(b: Builder, qw: QuantizedWeight, prefix: str, transpose: bool)
 def _qdq_input(b: Builder, layer: QuantizedModule, x: str, prefix: str) -> str:
     aq = layer.input_quant
     assert aq is not None
+    fmt = aq.fmt
     zp_value = int(getattr(aq, "zero_point", torch.tensor(0)))
-    zdt = np.uint8 if aq.fmt.name == "uint8" else np.int8
+    zdt = np.int8 if fmt.signed else np.uint8
     s = b.const(prefix, "x_scale", np.array(float(aq.scale), np.float32))
     z = b.const(prefix, "x_zp", np.array(zp_value, zdt))
     q = b.node("QuantizeLinear", [x, s, z], prefix)
+    info = np.iinfo(zdt)
+    if (fmt.qmin, fmt.qmax) != (info.min, info.max):
+        # Sub-8-bit codes: clamp the 8-bit codes to the format's range, in the integer domain, so
+        # they are lowbit's codes exactly (clamp(round(x/s)+zp, 0, 255) then to qmin..qmax is the
+        # clamp to qmin..qmax). After the Q, so ORT still fuses DQ -> Conv -> Q into QLinearConv.
+        lo = b.const(prefix, "x_qmin", np.array(fmt.qmin, zdt))
+        hi = b.const(prefix, "x_qmax", np.array(fmt.qmax, zdt))
+        q = b.node("Clip", [q, lo, hi], prefix)
     return b.node("DequantizeLinear", [q, s, z], prefix)
+
+
+def _code_stretch(qw: QuantizedWeight) -> int:
+    """Largest power of two ``k`` with ``k * code`` (and ``k * zero_point``) inside int8 / uint8 for
+    every code of the format, and ``scale / k`` exact (no float32 underflow); 1 for 8-bit weights."""
+    fmt = qw.fmt
+    lo, hi = (-128, 127) if fmt.signed else (0, 255)
+    k = 1
+    while lo <= 2 * k * fmt.qmin and 2 * k * fmt.qmax <= hi and fmt.qmax > 0:
+        k *= 2
+    if k > 1 and float(qw.scale.float().abs().min()) / k < float(np.finfo(np.float32).tiny):
+        return 1
+    return k
 
 
 def _dq_weight(
@@ -291,6 +331,16 @@ def _dq_weight(
     """``DequantizeLinear`` of the int8 codes with per-channel scales (ORT folds it into QLinear ops):
     ``[K, N]`` for MatMul, or the conv kernel shape (channels first) when ``conv_shape`` is given."""
     w, scale, zp = int8_weight_kn(qw, u8)
+    k = _code_stretch(qw)
+    if k > 1:
+        # Sub-8-bit codes times 2**m (and scales / 2**m): the same float weights exactly, but ORT
+        # quantizes the conv / gemm bias to int32 at x_scale * w_scale, so a finer w_scale rounds the
+        # bias 2**m times more finely (as fine as int8 weights would), which keeps requantized
+        # activation codes at lowbit's values. Shifted u8 codes are unshifted first and reshifted.
+        shift = 128 if u8 and qw.fmt.signed else 0
+        w = ((w.astype(np.int32) - shift) * k + shift).astype(w.dtype)
+        zp = ((zp.astype(np.int32) - shift) * k + shift).astype(zp.dtype)
+        scale = scale / np.float32(k)
     axis = 1
     if conv_shape is not None:
         w, axis = w.T.reshape(conv_shape), 0
@@ -312,49 +362,53 @@ def lower_dynamic_group(
     u8u8: bool,
     smoothed: bool = False,
 ) -> None:
-    """Dynamic int8 linears that read the same input ``x`` (attention's query / key / value), as one
-    activation quantization and one GEMM over the concatenated weights, split back into ``ys``.
-    Exact: the input is quantized the same way for all of them (layers must share the activation
-    spec and have no ``input_smooth``, unless there is a single layer)."""
+    """Dynamic int8 linears that read the same input ``x`` (attention's query / key / value): the
+    input is smoothed and quantized once, then each layer runs its own integer GEMM into its ``ys``
+    entry (separate GEMMs measured faster than one over concatenated weights plus a Split copy).
+    Exact: layers must share the activation spec and the ``input_smooth`` scales."""
     if not smoothed:
         x = _smooth(b, layers[0], x, prefix, channel_axis=-1)
     parts = [int8_weight_kn(layer.qweight, u8u8) for layer in layers]
     if len({p[0].dtype for p in parts}) != 1:  # mixed signed / unsigned codes: all as uint8 (exact)
         parts = [int8_weight_kn(layer.qweight, True) for layer in layers]
-    w = np.concatenate([p[0] for p in parts], axis=1)
-    scale = np.concatenate([p[1] for p in parts])
-    zp = np.concatenate([p[2] for p in parts])
-    biases = [
-        np.zeros(p[0].shape[1], np.float32) if layer.bias is None else _np(layer.bias.float())
-        for p, layer in zip(parts, layers, strict=True)
-    ]
-    bias = None if all(layer.bias is None for layer in layers) else np.concatenate(biases)
+    biases = [None if layer.bias is None else _np(layer.bias.float()) for layer in layers]
     if kernel.name == "MatMulIntegerToFloat":
-        # Quantize the shared input once; separate GEMMs avoid a Split copy of the output.
         aq = layers[0].input_quant
         assert aq is not None
-        q, s, zp_row = _per_token_quantize(b, aq, x, w.shape[0], prefix)
-        for (wi, si, zi), layer, y, bi in zip(parts, layers, ys, biases, strict=True):
-            _per_token_gemm(b, q, s, zp_row, x, y, prefix, wi, si, zi, None if layer.bias is None else bi)
+        quantized = _per_token_quantize(b, aq, x, parts[0][0].shape[0], prefix)
+        for (w, scale, zp), y, bias in zip(parts, ys, biases, strict=True):
+            _per_token_gemm(b, quantized, x, y, prefix, w, scale, zp, bias)
         return
-    out = ys[0] if len(ys) == 1 else b.name(prefix, "fused_out")
-    if kernel.name == "DynamicQuantizeMatMul":
+    if len(layers) == 1:
+        (w, scale, zp), bias = parts[0], biases[0]
         inputs = [x, b.const(prefix, "w", w), b.const(prefix, "w_scale", scale), b.const(prefix, "w_zp", zp)]
         if bias is not None:
             inputs.append(b.const(prefix, "bias", bias))
-        b.node("DynamicQuantizeMatMul", inputs, prefix, [out])
-    if len(ys) > 1:
-        sizes = np.array([p[0].shape[1] for p in parts], np.int64)
-        b.node("Split", [out, b.const(prefix, "split", sizes)], prefix, list(ys), axis=-1)
+        b.node("DynamicQuantizeMatMul", inputs, prefix, ys)
+        return
+    # One DynamicQuantizeLinear (the per-tensor uint8 rule DynamicQuantizeMatMul applies inside),
+    # then one MatMulIntegerToFloat per layer.
+    q_x, s_x, zp_x = (b.name(prefix, what) for what in ("x_q", "x_scale", "x_zp"))
+    b.node("DynamicQuantizeLinear", [x], prefix, [q_x, s_x, zp_x])
+    for (w, scale, zp), y, bias in zip(parts, ys, biases, strict=True):
+        w_scale, w_zp = b.const(prefix, "w_scale", scale), b.const(prefix, "w_zp", zp)
+        inputs = [q_x, b.const(prefix, "w", w), s_x, w_scale, zp_x, w_zp]
+        if bias is not None:
+            inputs.append(b.const(prefix, "bias", bias))
+        b.node("MatMulIntegerToFloat", inputs, prefix, [y])
 
 
-def _per_token_quantize(b: Builder, aq: Any, x: str, k: int, prefix: str) -> tuple[str, str, str | None]:
+def _per_token_quantize(b: Builder, aq: Any, x: str, k: int, prefix: str) -> tuple[str, str, str, str | None]:
     """Per-token activations (one scale, and zero point if asymmetric, per row), as lowbit does.
 
     ORT's fused dynamic ops take one activation scale per tensor, so the rows are quantized with a
     per-axis ``QuantizeLinear`` on the input seen as ``[tokens, K]``; the integer product runs in
     ``MatMulIntegerToFloat`` (weight scales and zero points folded in), then each row is scaled
     (and, when asymmetric, corrected by ``zp_row * colsum(W)``).
+
+    Returns ``(codes, row_scale, a_zero_point, zp_row)``. Symmetric int8 codes travel as uint8 + 128
+    with a single zero point of 128 (exact), because ORT's s8 x s8 GEMM is ~10x slower than u8 x s8
+    on x86; ``MatMulIntegerToFloat`` then removes that zero point itself.
     """
     fmt = aq.fmt
     f32 = np.float32
@@ -366,34 +420,31 @@ def _per_token_quantize(b: Builder, aq: Any, x: str, k: int, prefix: str) -> tup
         s = b.node(
             "Max", [b.node("Div", [amax, b.const(prefix, "top", np.array(top, f32))], prefix), eps], prefix
         )
-        zp_row = None
-        zq = b.const(prefix, "x_zp", np.zeros((), np.int8 if fmt.signed else np.uint8))
+        a_zp = b.const(prefix, "x_zp", np.array(128 if fmt.signed else 0, np.uint8))
         q = b.node(
             "QuantizeLinear",
-            [x2, s, b.node("Expand", [zq, b.node("Shape", [s], prefix)], prefix)],
+            [x2, s, b.node("Expand", [a_zp, b.node("Shape", [s], prefix)], prefix)],
             prefix,
             axis=0,
         )
-    else:
-        zero = b.const(prefix, "zero", np.array(0.0, f32))
-        lo = b.node("Min", [b.node("ReduceMin", [x2], prefix, axes=[1], keepdims=0), zero], prefix)
-        hi = b.node("Max", [b.node("ReduceMax", [x2], prefix, axes=[1], keepdims=0), zero], prefix)
-        span = b.const(prefix, "span", np.array(float(fmt.qmax - fmt.qmin), f32))
-        s = b.node("Max", [b.node("Div", [b.node("Sub", [hi, lo], prefix), span], prefix), eps], prefix)
-        qmin = b.const(prefix, "qmin", np.array(float(fmt.qmin), f32))
-        qmax = b.const(prefix, "qmax", np.array(float(fmt.qmax), f32))
-        zp_row = b.node("Sub", [qmin, b.node("Round", [b.node("Div", [lo, s], prefix)], prefix)], prefix)
-        zp_row = b.node("Clip", [zp_row, qmin, qmax], prefix)
-        ztype = TensorProto.INT8 if fmt.signed else TensorProto.UINT8
-        q = b.node("QuantizeLinear", [x2, s, b.node("Cast", [zp_row], prefix, to=ztype)], prefix, axis=0)
-    return q, s, zp_row
+        return q, s, a_zp, None
+    zero = b.const(prefix, "zero", np.array(0.0, f32))
+    lo = b.node("Min", [b.node("ReduceMin", [x2], prefix, axes=[1], keepdims=0), zero], prefix)
+    hi = b.node("Max", [b.node("ReduceMax", [x2], prefix, axes=[1], keepdims=0), zero], prefix)
+    span = b.const(prefix, "span", np.array(float(fmt.qmax - fmt.qmin), f32))
+    s = b.node("Max", [b.node("Div", [b.node("Sub", [hi, lo], prefix), span], prefix), eps], prefix)
+    qmin = b.const(prefix, "qmin", np.array(float(fmt.qmin), f32))
+    qmax = b.const(prefix, "qmax", np.array(float(fmt.qmax), f32))
+    zp_row = b.node("Sub", [qmin, b.node("Round", [b.node("Div", [lo, s], prefix)], prefix)], prefix)
+    zp_row = b.node("Clip", [zp_row, qmin, qmax], prefix)
+    ztype = TensorProto.INT8 if fmt.signed else TensorProto.UINT8
+    q = b.node("QuantizeLinear", [x2, s, b.node("Cast", [zp_row], prefix, to=ztype)], prefix, axis=0)
+    return q, s, "", zp_row
 
 
 def _per_token_gemm(
     b: Builder,
-    q: str,
-    s: str,
-    zp_row: str | None,
+    quantized: tuple[str, str, str, str | None],
     x: str,
     y: str,
     prefix: str,
@@ -402,50 +453,41 @@ def _per_token_gemm(
     zp: np.ndarray,
     bias: np.ndarray | None,
 ) -> None:
-    """Integer GEMM of per-token codes ``q`` with ``w``, then row scale, zero-point correction, bias."""
+    """Integer GEMM of per-token codes (``_per_token_quantize``'s result) with ``w``, then row scale,
+    zero-point correction, bias."""
+    q, s, a_zp, zp_row = quantized
     f32 = np.float32
     one = b.const(prefix, "one", np.array(1.0, f32))
     prod = b.node(
         "MatMulIntegerToFloat",
-        [q, b.const(prefix, "w", w), one, b.const(prefix, "w_scale", scale), "", b.const(prefix, "w_zp", zp)],
+        [
+            q,
+            b.const(prefix, "w", w),
+            one,
+            b.const(prefix, "w_scale", scale),
+            a_zp,
+            b.const(prefix, "w_zp", zp),
+        ],
         prefix,
     )
     ax1 = b.const(prefix, "ax1", np.array([1], np.int64))
-    scaled = b.node("Mul", [prod, b.node("Unsqueeze", [s, ax1], prefix)], prefix)
-    # Zero-point correction and bias in one pass over the output: a K=2 Gemm accumulating into it,
-    # [-s*zp_row, 1] @ [colsum(W); bias]  (colsum of the dequantized weight, per output column).
-    cols, rows = [], []
+    out = b.node("Mul", [prod, b.node("Unsqueeze", [s, ax1], prefix)], prefix)
     if zp_row is not None:
+        # Zero-point correction and bias in one pass over the output: a K=2 Gemm accumulating into
+        # it, [-s*zp_row, 1] @ [colsum(W); bias]  (colsum of the dequantized weight, per column).
         colsum = ((w.astype(np.int64) - zp.astype(np.int64)[None, :]).sum(axis=0) * scale).astype(f32)
-        neg = b.node("Neg", [b.node("Mul", [s, zp_row], prefix)], prefix)
-        cols.append(b.node("Unsqueeze", [neg, ax1], prefix))
-        rows.append(colsum)
-    if bias is not None:
-        ones = b.node(
-            "Expand",
-            [
-                b.const(prefix, "one_col", np.ones((1, 1), f32)),
-                b.node("Shape", [cols[0] if cols else scaled], prefix),
-            ],
-            prefix,
-        )
-        if not cols:
+        neg = b.node("Unsqueeze", [b.node("Neg", [b.node("Mul", [s, zp_row], prefix)], prefix), ax1], prefix)
+        a2, rows = neg, [colsum]
+        if bias is not None:
             ones = b.node(
-                "Slice",
-                [
-                    ones,
-                    b.const(prefix, "c0", np.array([0], np.int64)),
-                    b.const(prefix, "c1", np.array([1], np.int64)),
-                    ax1,
-                ],
+                "Expand",
+                [b.const(prefix, "one_col", np.ones((1, 1), f32)), b.node("Shape", [neg], prefix)],
                 prefix,
             )
-        cols.append(ones)
-        rows.append(bias)
-    out = scaled
-    if cols:
-        a2 = cols[0] if len(cols) == 1 else b.node("Concat", cols, prefix, axis=1)
-        out = b.node("Gemm", [a2, b.const(prefix, "corr_bias", np.stack(rows).astype(f32)), scaled], prefix)
+            a2, rows = b.node("Concat", [neg, ones], prefix, axis=1), [colsum, bias]
+        out = b.node("Gemm", [a2, b.const(prefix, "corr_bias", np.stack(rows).astype(f32)), out], prefix)
+    elif bias is not None:
+        out = b.node("Add", [out, b.const(prefix, "bias", bias.astype(f32))], prefix)
     # Back to the input's leading shape with N features.
     lead = b.node(
         "Slice",
@@ -544,7 +586,7 @@ def _matmul_nbits(
 def lower_conv(
     b: Builder, layer: QuantizedConv, x: str, y: str, prefix: str, kernel: Kernel, u8u8: bool
 ) -> None:
-    """Append the nodes computing ``y = layer(x)`` (QDQ for static int8, else float weights)."""
+    """Append the nodes computing ``y = layer(x)`` (QDQ for static integer codes, else float weights)."""
     c = layer.config
     if isinstance(c["padding"], str):
         raise ValueError(
