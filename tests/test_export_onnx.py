@@ -84,7 +84,22 @@ def test_u8u8_weights_give_the_same_result(tmp_path):
     assert float((a - b).abs().max()) <= 1e-5
 
 
-def test_shared_input_linears_are_fused_exactly(tmp_path):
+_TENSOR_ACT = {"mode": "dynamic", "format": "uint8", "granularity": "tensor", "symmetric": False}
+_TOKEN_SYM_ACT = {"mode": "dynamic", "format": "int8", "granularity": "token", "symmetric": True}
+
+
+@pytest.mark.parametrize(
+    ("activation", "quantize_op", "smooth"),
+    [
+        (None, "QuantizeLinear", None),  # the int8-dynamic preset: per-token, asymmetric
+        (_TOKEN_SYM_ACT, "QuantizeLinear", None),  # symmetric int8 codes travel as uint8 + 128
+        (_TENSOR_ACT, "DynamicQuantizeLinear", None),
+        (_TENSOR_ACT, "DynamicQuantizeLinear", 0.7),  # SmoothQuant shares one scale across q / k / v
+    ],
+)
+def test_shared_input_linears_are_fused_exactly(tmp_path, activation, quantize_op, smooth):
+    from lowbit.recipes import ActivationSpec, Recipe, WeightSpec
+
     class Qkv(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -94,11 +109,25 @@ def test_shared_input_linears_are_fused_exactly(tmp_path):
             return torch.cat([self.q(x), self.k(x), self.v(x)], dim=-1)
 
     torch.manual_seed(1)
-    q = lowbit.quantize(Qkv().eval(), "int8-dynamic", progress=False)
-    x = torch.randn(3, 5, 32)
+    recipe = "int8-dynamic"
+    if activation is not None:
+        recipe = Recipe(
+            weight=WeightSpec(format="int8"),
+            activation=ActivationSpec(**activation),
+            smoothquant_alpha=smooth,
+        )
+    calibration = [torch.randn(4, 5, 32) * torch.linspace(0.1, 20, 32)]  # a few outlier channels
+    q = lowbit.quantize(Qkv().eval(), recipe, calibration=calibration if smooth else None, progress=False)
+    if smooth:
+        assert torch.equal(q.q.input_smooth, q.k.input_smooth) and torch.equal(
+            q.q.input_smooth, q.v.input_smooth
+        )
+    x = torch.randn(3, 5, 32) * torch.linspace(0.1, 20, 32)
     report = export_onnx(q, tmp_path / "m.onnx", x)
-    # One quantization of the shared input (QuantizeLinear once), three integer GEMMs.
-    assert report.op_counts["QuantizeLinear"] == 1 and report.op_counts["MatMulIntegerToFloat"] == 3
+    # One quantization of the shared input, three integer GEMMs (no Split copy).
+    assert report.op_counts[quantize_op] == 1 and report.op_counts["MatMulIntegerToFloat"] == 3
+    if quantize_op == "DynamicQuantizeLinear":  # the only Mul is the one shared smoothing
+        assert report.op_counts.get("Mul", 0) == (1 if smooth else 0)
     with torch.no_grad():
         ref = q(x)
     out = _ort(tmp_path / "m.onnx", x)

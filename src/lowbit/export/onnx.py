@@ -19,6 +19,7 @@ ONNX's float recurrent ops on the dequantized weights and reported as such.
 from __future__ import annotations
 
 import copy
+import hashlib
 import inspect
 import io
 import json
@@ -349,15 +350,18 @@ def _lower_markers(
 def _fusable_groups(
     io_of: dict[int, tuple[str, str]], layers: list[tuple[str, QuantizedModule, Kernel]], u8u8: bool
 ) -> dict[int, list[int]]:
-    """First index -> all indices of dynamic per-tensor int8 linears that read the same input
-    (attention's query / key / value). One quantization of the input serves them all exactly."""
+    """First index -> all indices of dynamic int8 linears that read the same input (attention's
+    query / key / value) with the same activation spec and the same SmoothQuant scales (shared by
+    ``smoothquant_weights``). One smoothing and one quantization of the input serve them all exactly."""
     by_input: dict[str, list[int]] = {}
     for index, (x, _y) in sorted(io_of.items()):
         _name, layer, kernel = layers[index]
-        if kernel.name in ("DynamicQuantizeMatMul", "MatMulIntegerToFloat") and (
-            getattr(layer, "input_smooth", None) is None
-        ):
-            key = f"{x}|{kernel.name}|{layer.input_quant.spec if layer.input_quant else None}"
+        if kernel.name in ("DynamicQuantizeMatMul", "MatMulIntegerToFloat"):
+            smooth = getattr(layer, "input_smooth", None)
+            smooth_key = (
+                None if smooth is None else hashlib.sha1(smooth.detach().cpu().numpy().tobytes()).hexdigest()
+            )
+            key = f"{x}|{kernel.name}|{layer.input_quant.spec if layer.input_quant else None}|{smooth_key}"
             by_input.setdefault(key, []).append(index)
     return {members[0]: members for members in by_input.values() if len(members) > 1}
 

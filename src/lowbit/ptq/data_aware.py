@@ -285,10 +285,16 @@ def smoothquant_weights(
     model: nn.Module, recipe: Recipe, calibration: Sequence[Any], progress: bool = True
 ) -> dict[str, Any]:
     """SmoothQuant: for every linear layer with quantized activations, move the input's outlier
-    channels into the weight (``x / s``, ``w * s``) with the recipe's alpha, measured in one pass."""
+    channels into the weight (``x / s``, ``w * s``) with the recipe's alpha, measured in one pass.
+
+    Layers that read the same input (attention's q / k / v) share one ``s``, from their combined
+    weight columns, as in the paper: the input is then scaled and quantized once for all of them,
+    which lets the ONNX export run them as one fused GEMM."""
     alpha = recipe.smoothquant_alpha
     assert alpha is not None
     layers = [p for p in plan_model(model, recipe).layers if p.kind == "linear" and p.activation.enabled]
+    if not layers:
+        return {"weights": {}, "input_smooth": {}}
     maxima: dict[str, torch.Tensor] = {}
 
     def running_max(name: str, x: torch.Tensor) -> None:
@@ -298,14 +304,16 @@ def smoothquant_weights(
     modules = {layer.name: layer.module for layer in layers}
     _observe_inputs(model, modules, running_max, calibration, "SmoothQuant", progress)
     weights, smooth = {}, {}
-    for layer in layers:
-        assert layer.weight is not None
-        if layer.name not in maxima:
-            raise ValueError(f"layer {layer.name} saw no calibration data; SmoothQuant cannot scale it")
-        w = _weight_matrix(layer)
-        s = smoothquant_scales(maxima[layer.name], w, alpha)
-        weights[layer.name] = quantize_weight(w * s, layer.weight, f"layer {layer.name} weight")
-        smooth[layer.name] = s
+    for group in call_order(model, layers, calibration[0]):
+        names = [layer.name for layer in group]
+        if any(name not in maxima for name in names):
+            raise ValueError(f"layer {names[0]} saw no calibration data; SmoothQuant cannot scale it")
+        matrices = [_weight_matrix(layer) for layer in group]
+        s = smoothquant_scales(maxima[names[0]], matrices, alpha)  # same input: same maxima
+        for layer, w in zip(group, matrices, strict=True):
+            assert layer.weight is not None
+            weights[layer.name] = quantize_weight(w * s, layer.weight, f"layer {layer.name} weight")
+            smooth[layer.name] = s
     return {"weights": weights, "input_smooth": smooth}
 
 
