@@ -21,6 +21,7 @@ here, and ``input_smooth`` divisors whose inverse is already folded into those w
 from __future__ import annotations
 
 import copy
+import fnmatch
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -292,7 +293,13 @@ def smoothquant_weights(
     which lets the ONNX export run them as one fused GEMM."""
     alpha = recipe.smoothquant_alpha
     assert alpha is not None
-    layers = [p for p in plan_model(model, recipe).layers if p.kind == "linear" and p.activation.enabled]
+    layers = [
+        p
+        for p in plan_model(model, recipe).layers
+        if p.kind == "linear"
+        and p.activation.enabled
+        and not any(fnmatch.fnmatchcase(p.name, pattern) for pattern in recipe.smoothquant_exclude)
+    ]
     if not layers:
         return {"weights": {}, "input_smooth": {}}
     maxima: dict[str, torch.Tensor] = {}

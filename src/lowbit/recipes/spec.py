@@ -112,6 +112,8 @@ class Recipe:
         overrides: per-layer rules, the last matching one wins.
         smoothquant_alpha: migrate activation outliers into the weights (SmoothQuant) with this
             alpha before quantizing (``None``: off). Needs calibration data.
+        smoothquant_exclude: fnmatch patterns of layers SmoothQuant leaves unscaled (for example
+            per-token layers that measure better without it).
         bias_correction: remove the expected output shift that weight quantization causes
             (static recipes, measured on the calibration data).
     """
@@ -125,6 +127,7 @@ class Recipe:
     exclude: tuple[str, ...] = ()
     overrides: tuple[LayerRule, ...] = ()
     smoothquant_alpha: float | None = None
+    smoothquant_exclude: tuple[str, ...] = ()
     bias_correction: bool = False
     version: int = RECIPE_VERSION
 
@@ -163,7 +166,8 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (YAML/JSON-ready) with a ``version`` field."""
         d = dataclasses.asdict(self)
-        d["modules"], d["include"], d["exclude"] = list(self.modules), list(self.include), list(self.exclude)
+        for key in ("modules", "include", "exclude", "smoothquant_exclude"):
+            d[key] = list(getattr(self, key))
         d["overrides"] = [{k: v for k, v in o.items() if v not in (None, False)} for o in d["overrides"]]
         return d
 
@@ -179,7 +183,7 @@ class Recipe:
             d["activation"] = ActivationSpec(
                 **_known(ActivationSpec, d["activation"] or {}, "recipe.activation")
             )
-        for key in ("modules", "include", "exclude"):
+        for key in ("modules", "include", "exclude", "smoothquant_exclude"):
             if key in d:
                 d[key] = tuple(d[key])
         rules = []
