@@ -415,7 +415,11 @@ def _per_token_quantize(b: Builder, aq: Any, x: str, k: int, prefix: str) -> tup
     x2 = b.node("Reshape", [x, b.const(prefix, "rows", np.array([-1, k], np.int64))], prefix)
     eps = b.const(prefix, "eps", np.array(EPS, f32))
     if aq.spec.symmetric:
-        amax = b.node("ReduceMax", [b.node("Abs", [x2], prefix)], prefix, axes=[1], keepdims=0)
+        # max |x| per row as max(max x, -min x): two reductions, no Abs copy of the whole input
+        # (ORT's Abs is a slow single pass here: ~1 ms on a 1024 x 1536 input, 2 threads).
+        hi = b.node("ReduceMax", [x2], prefix, axes=[1], keepdims=0)
+        lo = b.node("ReduceMin", [x2], prefix, axes=[1], keepdims=0)
+        amax = b.node("Max", [hi, b.node("Neg", [lo], prefix)], prefix)
         top = float(fmt.qmax if fmt.qmax > 0 else -fmt.qmin)
         s = b.node(
             "Max", [b.node("Div", [amax, b.const(prefix, "top", np.array(top, f32))], prefix), eps], prefix
