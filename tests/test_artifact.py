@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import lzma
 import os
 from pathlib import Path
 
@@ -11,7 +13,10 @@ import torch
 from torch import nn
 
 import lowbit
-from lowbit.export.artifact import MANIFEST_FILE, WEIGHTS_FILE, ArtifactError
+import lowbit.eval.artifact_info
+from lowbit import packing
+from lowbit.export import artifact
+from lowbit.export.artifact import CODED_VERSION, MANIFEST_FILE, WEIGHTS_FILE, ArtifactError, read_manifest
 
 
 def small_model() -> nn.Module:
@@ -136,6 +141,80 @@ def test_lzma_compressed_artifact_round_trips(tmp_path):
     assert torch.equal(lowbit.load(tmp_path / "z", model=small_model())(x), q(x))
 
 
+@pytest.mark.parametrize(
+    "recipe", ["int8-static", "int4-weight-only", "nf4", "kmeans-4bit", "pq", "fp16", "fp8", "ternary"]
+)
+def test_coded_artifact_manifest_is_compact_and_reads_back_in_full(recipe, tmp_path):
+    model = small_model()
+    calib = [torch.randn(4, 1, 8, 8) for _ in range(2)]
+    q = lowbit.quantize(model, recipe, calibration=calib, progress=False)
+    plain = lowbit.save(q, tmp_path / "plain")
+    coded = lowbit.save(q, tmp_path / "coded", compression="lzma")
+    assert coded["lowbit_artifact"] == CODED_VERSION
+    assert read_manifest(tmp_path / "coded") == coded  # the compact file expands to what save returned
+    # Apart from the version, the file entry and the tensor codings, it is the plain manifest.
+    drop = ("lowbit_artifact", "file", "created")
+    assert {k: v for k, v in coded.items() if k not in drop and k != "tensors"} == {
+        k: v for k, v in plain.items() if k not in drop and k != "tensors"
+    }
+    assert {k: {f: v for f, v in e.items() if f != "coding"} for k, e in coded["tensors"].items()} == plain[
+        "tensors"
+    ]
+    compact = json.loads(lzma.decompress((tmp_path / "coded" / "lowbit.json.xz").read_bytes()))
+    assert "totals" not in compact and all(isinstance(row, list) for row in compact["tensors"].values())
+    x = torch.randn(3, 1, 8, 8)
+    assert torch.equal(lowbit.load(tmp_path / "coded", model=small_model())(x), q(x))
+    info = lowbit.eval.artifact_info.inspect_artifact(tmp_path / "coded")
+    assert not info.problems and info.stored_bytes == plain["totals"]["stored_bytes"]
+
+
+def test_version_1_lzma_artifacts_still_load(tmp_path):
+    """Artifacts written before format 2: one xz-coded safetensors file and the full manifest."""
+    q = lowbit.quantize(small_model(), "kmeans-4bit")
+    manifest = lowbit.save(q, tmp_path / "old")
+    data = lzma.compress((tmp_path / "old" / WEIGHTS_FILE).read_bytes())
+    manifest["file"].update(name=WEIGHTS_FILE + ".xz", compression="lzma", bytes=len(data))
+    manifest["file"]["sha256"] = hashlib.sha256(data).hexdigest()
+    (tmp_path / "old" / WEIGHTS_FILE).unlink()
+    (tmp_path / "old" / MANIFEST_FILE).unlink()
+    (tmp_path / "old" / (WEIGHTS_FILE + ".xz")).write_bytes(data)
+    (tmp_path / "old" / (MANIFEST_FILE + ".xz")).write_bytes(lzma.compress(json.dumps(manifest).encode()))
+    assert read_manifest(tmp_path / "old")["lowbit_artifact"] == 1
+    x = torch.randn(2, 1, 8, 8)
+    assert torch.equal(lowbit.load(tmp_path / "old", model=small_model())(x), q(x))
+
+
+def test_coded_artifact_damage_is_reported(tmp_path):
+    q = lowbit.quantize(small_model(), "kmeans-4bit")
+    out = tmp_path / "z"
+    lowbit.save(q, out, compression="lzma")
+    path = out / (MANIFEST_FILE + ".xz")
+    compact = json.loads(lzma.decompress(path.read_bytes()))
+    rows = compact["tensors"]
+    rows["3.qweight.scale"][1] = "oops"  # the shape
+    path.write_bytes(lzma.compress(json.dumps(compact).encode()))
+    with pytest.raises(ArtifactError, match="'3.qweight.scale'"):
+        lowbit.load(out, model=small_model())
+    lowbit.save(q, out, compression="lzma")
+    data = bytearray((out / (WEIGHTS_FILE + ".xz")).read_bytes())
+    data[-1] ^= 0xFF
+    (out / (WEIGHTS_FILE + ".xz")).write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="sha256"):
+        lowbit.load(out, model=small_model())
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 8])
+def test_run_length_coding_is_exact(bits, gen):
+    fields = torch.randint(0, 1 << bits, (4000,), generator=gen)
+    fields[torch.rand(4000, generator=gen) < 0.9] = (1 << bits) - 1  # the common code need not be 0
+    fields[100:1500] = (1 << bits) - 1  # a gap longer than 255 needs escape bytes
+    raw = packing.pack(fields, bits) if bits < 8 else fields.to(torch.uint8)
+    coding, gaps, values = artifact._encode_runs(raw, bits)
+    assert coding[:3] == ["runs", bits, (1 << bits) - 1] and gaps.numel() > coding[3]  # escapes were used
+    assert torch.equal(artifact._decode_runs(coding, raw.numel(), gaps, values), raw)
+    assert artifact._encode_runs(torch.randint(0, 256, (64,), dtype=torch.uint8, generator=gen), 4) is None
+
+
 def test_no_pickle_anywhere_in_the_source():
     src = Path(lowbit.__file__).parent
     for path in src.rglob("*.py"):
@@ -146,7 +225,8 @@ def test_no_pickle_anywhere_in_the_source():
                 pytest.fail(f"{path}: torch.load without weights_only=True: {line.strip()}")
 
 
-def test_tied_weights_are_stored_once(tmp_path):
+@pytest.mark.parametrize("compression", ["none", "lzma"])
+def test_tied_weights_are_stored_once(compression, tmp_path):
     class Tied(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -159,7 +239,7 @@ def test_tied_weights_are_stored_once(tmp_path):
 
     model = Tied()
     q = lowbit.quantize(model, lowbit.Recipe(modules=("conv",)), progress=False)  # nothing quantized
-    manifest = lowbit.save(q, tmp_path / "t")
+    manifest = lowbit.save(q, tmp_path / "t", compression=compression)
     assert manifest["aliases"] == {"head.weight": "emb.weight"}
     reloaded = lowbit.load(tmp_path / "t", model=Tied())
     ids = torch.tensor([[1, 2]])

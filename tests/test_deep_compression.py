@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import lzma
+
 import pytest
 import torch
+from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
 
 import lowbit
@@ -50,7 +53,9 @@ def test_deep_compression_is_small_on_disk_and_keeps_accuracy(gen: torch.Generat
     assert result.sparsity == pytest.approx(0.9, abs=0.01)
     assert result.model[2].qweight.fmt.name == "kmeans_4"
     size = P.disk_size(result.model, teacher)
-    assert size["ratio"] > 15, size  # 4-bit codes alone give 8x; pruning + lzma must add the rest
+    assert size["artifact_bytes"] == size["tensor_bytes"] + size["manifest_bytes"]  # every file counts
+    assert size["ratio"] > 25, size  # 4-bit codes alone give 8x; pruning + run lengths + lzma the rest
+    assert size["manifest_bytes"] < 800, size  # the compact manifest (it was 1.2 KB, 9 KB indented)
     assert accuracy(result.model, [(x, y)]) >= 0.6  # chance is 1/8; digits figures: docs/notes/issue-7.md
     lowbit.save(result.model, tmp_path / "dc", compression="lzma")
     skeleton = nn.Sequential(nn.Linear(32, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 8))
@@ -77,3 +82,41 @@ def test_merging_lstm_biases_keeps_the_output(gen: torch.Generator) -> None:
     merge_lstm_biases(lstm)
     assert torch.equal(lstm.bias_hh_l0, torch.zeros(24))
     torch.testing.assert_close(lstm(x)[0], reference, rtol=1e-6, atol=1e-6)
+
+
+class _Sequences(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(6, 32, batch_first=True)
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.lstm(x)[0][:, -1])
+
+
+def test_deep_compressed_lstm_artifact_is_coded_and_reloads_identically(
+    gen: torch.Generator, tmp_path
+) -> None:  # noqa: ANN001
+    torch.manual_seed(0)
+    model = _Sequences()
+    x = torch.randn(256, 5, 6, generator=gen)
+    y = model(x).argmax(dim=1).detach()
+    result = P.deep_compress(model, batches(x, y, 64), sparsity=0.9, bits=3, scope="global", steps=1,
+                             epochs_per_step=1, centroid_epochs=1, progress=False)  # fmt: skip
+    qlstm = result.model.lstm
+    for qw in qlstm.weights.values():  # centroids rounded to bfloat16, zero kept
+        book = qw.codebook.flatten()
+        assert torch.equal(book, book.to(torch.bfloat16).float()) and 0.0 in book.tolist()
+    assert torch.equal(qlstm.bias_hh_l0, torch.zeros(128))  # merged into bias_ih
+    manifest = lowbit.save(result.model, tmp_path / "dc")
+    tensors = manifest["tensors"]
+    assert tensors["lstm.weights.weight_hh_l0.packed"]["coding"][0] == "runs"
+    assert tensors["lstm.bias_ih_l0"]["coding"] == ["planes", 2]  # bfloat16-exact: two bytes each
+    assert tensors["lstm.bias_hh_l0"]["coding"] == ["planes", 0]  # all zero: nothing stored
+    reloaded = lowbit.load(tmp_path / "dc", model=_Sequences())
+    assert torch.equal(reloaded(x), result.model(x))
+    # Against the previous lzma layout (the whole safetensors file xz-coded):
+    state = {k: v.contiguous() for k, v in result.model.state_dict().items()}
+    old = len(lzma.compress(save_safetensors_bytes(state), preset=9 | lzma.PRESET_EXTREME))
+    size = P.disk_size(result.model, model)
+    assert size["tensor_bytes"] < 0.8 * old, (size, old)

@@ -6,7 +6,9 @@
    Optionally the centroids are fine-tuned (each step, every cluster is reset to the mean of its
    trained weights, with assignments fixed: the shared-weight update of the paper).
 3. **Entropy-code**: the packed model (format ``kmeans_<bits>``, one codebook per tensor) is saved
-   with ``lowbit.save(..., compression="lzma")``; the long runs of the zero code compress well.
+   with ``lowbit.save(..., compression="lzma")``: a coded artifact that stores each pruned code
+   tensor as run lengths of the zero code plus the other codes, biases and centroids (rounded to
+   bfloat16) as their two high bytes, and a compact manifest, all LZMA-coded.
 
 ``disk_size`` measures the result on disk against the float model saved as safetensors.
 
@@ -23,6 +25,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -128,8 +131,14 @@ def _fmt(bits: int):  # noqa: ANN202
     return formats.get(f"kmeans_{bits}")
 
 
-def pack_kmeans(model: nn.Module, bits: int = 4, recipe: Recipe | None = None) -> nn.Module:
-    """The packed ``kmeans_<bits>`` model for (pruned) float ``model``, zero kept exact (a copy)."""
+def pack_kmeans(
+    model: nn.Module, bits: int = 4, recipe: Recipe | None = None, round_codebooks: bool = False
+) -> nn.Module:
+    """The packed ``kmeans_<bits>`` model for (pruned) float ``model``, zero kept exact (a copy).
+
+    ``round_codebooks`` rounds every centroid to bfloat16 precision (kept in float32; a coded
+    artifact then stores only the two high bytes of each).
+    """
     recipe = recipe or deep_compression_recipe(bits)
     fmt = _fmt(bits)
     weights: dict[str, dict[str, QuantizedWeight]] = {}
@@ -139,6 +148,9 @@ def pack_kmeans(model: nn.Module, bits: int = 4, recipe: Recipe | None = None) -
         for pname, p in params.items():
             w = _as_matrix(module, pname, p)
             qp = zero_codebook(w, bits)
+            if round_codebooks:
+                assert qp.codebook is not None
+                qp = dataclasses.replace(qp, codebook=qp.codebook.to(torch.bfloat16).float())
             qw = QuantizedWeight.from_codes(quantize(w, fmt, qp), fmt, qp, "tensor", True, tuple(w.shape))
             qw.algorithm = "deep-compression"
             weights[name][pname] = qw
@@ -211,8 +223,8 @@ def deep_compress(
     """Run the three Deep Compression stages on a copy of ``model``; save the result with
     ``lowbit.save(result.model, dir, compression="lzma")`` (``disk_size`` does and measures it).
 
-    ``round_biases`` rounds the float biases to bfloat16 precision (kept in float32 tensors, whose
-    zeroed low mantissa bytes the entropy coder then removes: about half the bias bytes on disk).
+    ``round_biases`` rounds the float biases and the codebook centroids to bfloat16 precision (kept
+    in float32 tensors; the coded artifact leaves out their all-zero low bytes: half the bytes).
     ``fit_options`` go to every ``lowbit.train.fit`` call (``lr``, ``progress``, ``seed`` ...).
     """
     if not 1 <= bits <= 8:
@@ -234,7 +246,7 @@ def deep_compress(
     merge_lstm_biases(work)
     if round_biases:
         round_biases_bf16(work)
-    qmodel = pack_kmeans(work, bits, recipe)
+    qmodel = pack_kmeans(work, bits, recipe, round_codebooks=round_biases)
     qmodel.lowbit_recipe = recipe
     qmodel.lowbit_compression = "lzma"  # the last stage: lowbit.save entropy-codes this model
     return DeepCompressionResult(qmodel, pruned.masks, pruned.masks.sparsity(), bits, pruned, tuned)
