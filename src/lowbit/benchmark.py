@@ -155,10 +155,20 @@ class BenchReport:
 
 # --- timing -----------------------------------------------------------------------------------------
 
+# Untimed pause after each timed call: longer than PyTorch's OpenMP spin-wait after a call (~10 ms).
+SETTLE_SECONDS = 0.02
 
-def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 2) -> dict[str, float]:
+
+def time_interleaved(
+    fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 2, settle: float = 0.0
+) -> dict[str, float]:
     """Median seconds per call of each function, calling them round-robin so that load changes on a
     shared machine affect every entry alike.
+
+    A call can slow the next one: PyTorch's OpenMP workers keep spinning ~10 ms after a call
+    returns (measured here), taking a core from whatever runs next. So the round starts one entry
+    later each repeat (no entry always follows the same neighbour), and ``settle`` seconds of
+    sleep, untimed, follow every call.
 
     >>> t = time_interleaved({"noop": lambda: None}, repeats=3)
     >>> t["noop"] >= 0
@@ -168,11 +178,15 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: in
         for _ in range(warmup):
             fn()
     samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    names = list(fns)
+    for repeat in range(repeats):
+        shift = repeat % len(names)
+        for name in names[shift:] + names[:shift]:
             start = time.perf_counter()
-            fn()
+            fns[name]()
             samples[name].append(time.perf_counter() - start)
+            if settle:
+                time.sleep(settle)
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
@@ -343,7 +357,7 @@ def bench(
             batch = _slice(inputs[0], bs)
             feeds = {v.name: v.prepare(batch) for v in variants}
             calls = {v.name: (lambda v=v, f=feeds[v.name]: v.call(f)) for v in variants}
-            times = time_interleaved(calls, repeats)
+            times = time_interleaved(calls, repeats, settle=SETTLE_SECONDS)
             base = times.get("ORT fp32")
             for v in variants:
                 f, metric = fid[v.name]
@@ -420,7 +434,7 @@ def kernel_table(
             if fbgemm is not None:
                 fns["torch fbgemm int8 dynamic (reference)"] = lambda x=x: fbgemm(x)
                 stored.setdefault("torch fbgemm int8 dynamic (reference)", size * size + size * 8)
-            times = time_interleaved(fns, repeats)
+            times = time_interleaved(fns, repeats, settle=SETTLE_SECONDS)
             base = times["fp32 MatMul"]
             for name, t in times.items():
                 is_int_compute = "dynamic" in name or "weight-only" in name
