@@ -127,6 +127,23 @@ def test_convert_before_any_data_names_the_layer() -> None:
         qat.convert(model)
 
 
+@pytest.mark.parametrize("lsq", [False, True])
+@pytest.mark.parametrize("bits", [4, 2])
+def test_calibrated_qat_model_starts_as_the_same_recipe_ptq_model(
+    gen: torch.Generator, lsq: bool, bits: int
+) -> None:
+    # calibrate uses the recipe's PTQ observer over all batches, so QAT starts from the PTQ solution.
+    for model, shape in ((TinyCNN(), (16, 1, 6, 6)), (TinyLSTM(), (16, 5, 6))):
+        calibration = [torch.rand(48, *shape[1:], generator=gen) for _ in range(3)]  # >= 128 examples
+        ptq = lowbit.quantize(model, qat.recipe(bits), calibration=calibration, progress=False)
+        q = qat.prepare(model, qat.recipe(bits), lsq=lsq)
+        qat.calibrate(q, calibration)
+        assert not any(m.observer for m in q.modules() if isinstance(m, qat.ActFakeQuant))
+        x = torch.rand(*shape, generator=gen)
+        torch.testing.assert_close(q.eval()(x), ptq(x), rtol=0, atol=0)
+        torch.testing.assert_close(qat.convert(q)(x), ptq(x), rtol=0, atol=0)
+
+
 def test_calibrate_initialises_ranges_without_touching_batchnorm(gen: torch.Generator) -> None:
     model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
     with pytest.warns(UserWarning, match="fold_batchnorm"):

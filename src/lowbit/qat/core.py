@@ -6,6 +6,10 @@ packed quantized model ``lowbit.quantize`` would build (``QuantizedLinear`` ... 
 ranges), so ``lowbit.save`` / ``load`` / export work unchanged. The converted model's output equals the
 QAT model's eval-mode output exactly.
 
+Calling ``calibrate(model, batches)`` before training initialises the activation ranges (and the
+weight scales are initialised by ``prepare``) exactly as ``lowbit.quantize`` chooses them for the
+same recipe, so training starts from the same-recipe PTQ model, output for output.
+
 >>> import torch
 >>> model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
 >>> qat_model = prepare(model, recipe(4))
@@ -133,15 +137,19 @@ def qat_layers(model: nn.Module) -> dict[str, QATModule]:
 
 
 def calibrate(model: nn.Module, batches: Iterable[Any]) -> None:
-    """Initialise activation ranges from ``batches`` without training: the rest of the model runs in
-    eval mode (BatchNorm statistics and dropout untouched), only the fake-quantizers observe."""
+    """Initialise the static activation ranges from ``batches`` the way ``lowbit.quantize`` calibrates:
+    each input is observed unquantized by the recipe's observer (``mse``: histogram, MSE-optimal
+    clip) over all batches, and that range becomes the start of the EMA (STE) or the initial learned
+    scale and zero point (LSQ). Weights are fake-quantized as in PTQ, so before any training the QAT
+    model computes what the same-recipe PTQ model computes. The rest of the model runs in eval mode
+    (BatchNorm statistics and dropout untouched)."""
     quantizers = [m for m in model.modules() if isinstance(m, ActFakeQuant)]
     was_training = model.training
     device = model_device(model)
     count = 0
     model.eval()
     for q in quantizers:
-        q.train()
+        q.begin_calibration()
     try:
         with torch.no_grad():
             for batch in batches:
@@ -149,6 +157,12 @@ def calibrate(model: nn.Module, batches: Iterable[Any]) -> None:
                 count += 1
     finally:
         model.train(was_training)
+        if count:
+            for q in quantizers:
+                q.end_calibration()
+        else:
+            for q in quantizers:
+                q.observer = None
     if count == 0:
         raise ValueError("calibrate needs at least one input batch")
 

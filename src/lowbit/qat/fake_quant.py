@@ -5,12 +5,14 @@ Both compute their forward value with ``lowbit.primitives.quantize`` / ``dequant
 eval-mode output bit for bit. Only the gradient path differs between the two training modes:
 
 - **STE** (default): weight scales follow the weights (recomputed every step with the recipe's
-  ``rtn`` / ``mse`` rule); activation ranges are an exponential moving average of per-batch ranges.
+  ``rtn`` / ``mse`` rule); activation ranges are an exponential moving average of per-batch ranges,
+  starting from the PTQ calibration range (``lowbit.qat.calibrate``).
   Integer formats use the clipped straight-through estimator (no gradient where a value saturated);
   grid formats (binary, ternary, ...) pass the gradient through unchanged, as BinaryConnect / TWN do.
 - **LSQ** (Esser et al., "Learned Step Size Quantization", 2020): the scale is a parameter, one
   per block (per output channel for ``channel`` weights, one per tensor for activations), trained by
   backprop with LSQ's gradient scale ``1 / sqrt(block_numel * qmax)``. Integer formats only.
+  Initialised as PTQ would choose them (weights: the recipe's rule; activations: ``calibrate``).
 
 >>> import torch
 >>> from lowbit.recipes import WeightSpec
@@ -28,7 +30,7 @@ import math
 import torch
 from torch import nn
 
-from lowbit import formats
+from lowbit import formats, observers
 from lowbit import granularity as gran
 from lowbit.algorithms.rtn import choose_weight_qparams
 from lowbit.granularity import expand_params, from_blocks, to_blocks
@@ -125,9 +127,11 @@ class WeightFakeQuant(nn.Module):
 class ActFakeQuant(nn.Module):
     """Fake-quantizes a layer's input as an ``ActivationSpec`` says (static or dynamic).
 
-    Static ranges are learned while the module is in training mode: an EMA of each batch's range
-    (``observer="minmax"``: min / max; any other observer: the MSE-optimal clipped range of the batch).
-    With ``lsq=True`` the first batch initialises a learned scale (the zero point stays fixed).
+    ``lowbit.qat.calibrate`` initialises static ranges exactly as PTQ calibration does (the spec's
+    observer over all calibration batches; ``begin_calibration`` / ``end_calibration``). Training
+    then updates them: STE: an EMA of each batch's range (``observer="minmax"``: min / max; any other
+    observer: the MSE-optimal clipped range of the batch); ``lsq=True``: a learned scale (the zero
+    point stays fixed). Without calibration the first training batch initialises the range.
     In eval mode the range is frozen; using a static quantizer that never saw data raises.
     """
 
@@ -144,6 +148,7 @@ class ActFakeQuant(nn.Module):
         self.momentum = momentum
         self.lsq = bool(lsq) and spec.mode == "static" and self.fmt.family == "int"
         self.observe = True  # set False to freeze the EMA range while training continues
+        self.observer: observers.Observer | None = None  # set while lowbit.qat.calibrate runs
         self.register_buffer("min_val", torch.zeros(()))
         self.register_buffer("max_val", torch.zeros(()))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
@@ -162,6 +167,39 @@ class ActFakeQuant(nn.Module):
             return -scale * top if self.fmt.signed else torch.zeros(()), scale * top
         zp = qp.zero_point.reshape(()).float()
         return (self.fmt.qmin - zp) * scale, (self.fmt.qmax - zp) * scale
+
+    @torch.no_grad()
+    def set_range(self, scale: torch.Tensor, zero_point: torch.Tensor | None) -> None:
+        """Start from a given static ``(scale, zero_point)`` (as PTQ calibration chooses them): the
+        EMA range becomes the range they cover, and LSQ's learned scale / zero point take them."""
+        scale = scale.float().reshape(())
+        if zero_point is None:
+            top = self.fmt.qmax if self.fmt.qmax > 0 else -self.fmt.qmin
+            lo, hi = (-scale * top if self.fmt.signed else torch.zeros(())), scale * top
+        else:
+            zp = zero_point.float().reshape(())
+            lo, hi = (self.fmt.qmin - zp) * scale, (self.fmt.qmax - zp) * scale
+        self.min_val.copy_(lo)
+        self.max_val.copy_(hi)
+        self.initialized.fill_(True)
+        if self.lsq:
+            self.scale.copy_(scale)
+            if zero_point is not None:
+                self.zero_point.copy_(zero_point.reshape(()).to(self.zero_point))
+
+    def begin_calibration(self) -> None:
+        """Observe inputs with the spec's PTQ observer (``lowbit.observers``) until ``end_calibration``;
+        meanwhile inputs pass through unquantized, exactly as in ``lowbit.quantize``'s calibration."""
+        if self.spec.mode == "static":
+            self.observer = observers.get(self.spec.observer)
+
+    def end_calibration(self) -> None:
+        """Take the observer's range (``set_range``): the same range ``lowbit.quantize`` would freeze."""
+        observer, self.observer = self.observer, None
+        if observer is None or observer.count == 0:
+            return
+        qp = observer.qparams(self.fmt, self.spec.symmetric)
+        self.set_range(qp.scale.reshape(()), None if qp.zero_point is None else qp.zero_point.reshape(()))
 
     @torch.no_grad()
     def _update(self, x: torch.Tensor) -> None:
@@ -203,6 +241,9 @@ class ActFakeQuant(nn.Module):
         if self.spec.mode == "dynamic":
             qp = choose_qparams_dynamic(x, self.fmt, self.granularity, self.spec.symmetric)
             return fake_quantize(x, self.fmt, qp)
+        if self.observer is not None:
+            self.observer.observe(x)
+            return x
         if self.training and self.observe and not (self.lsq and bool(self.initialized)):
             self._update(x)
         scale, zp = self.frozen()
