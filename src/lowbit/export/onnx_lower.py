@@ -401,37 +401,36 @@ def lower_dynamic_group(
 def _per_token_quantize(b: Builder, aq: Any, x: str, k: int, prefix: str) -> tuple[str, str, str, str | None]:
     """Per-token activations (one scale, and zero point if asymmetric, per row), as lowbit does.
 
-    ORT's fused dynamic ops take one activation scale per tensor, so the rows are quantized with a
-    per-axis ``QuantizeLinear`` on the input seen as ``[tokens, K]``; the integer product runs in
-    ``MatMulIntegerToFloat`` (weight scales and zero points folded in), then each row is scaled
-    (and, when asymmetric, corrected by ``zp_row * colsum(W)``).
+    ORT's fused dynamic ops take one activation scale per tensor, so the integer product runs in
+    ``MatMulIntegerToFloat`` (weight scales and zero points folded in) and each row is scaled
+    afterwards (and, when asymmetric, corrected by ``zp_row * colsum(W)``).
 
-    Returns ``(codes, row_scale, a_zero_point, zp_row)``. Symmetric int8 codes travel as uint8 + 128
-    with a single zero point of 128 (exact), because ORT's s8 x s8 GEMM is ~10x slower than u8 x s8
-    on x86; ``MatMulIntegerToFloat`` then removes that zero point itself.
+    Symmetric: the input keeps its shape; each row is multiplied by ``1 / scale`` (exactly as
+    ``lowbit.primitives.quantize`` does) and quantized with scale 1. Int8 codes travel as uint8 +
+    128 with one zero point of 128 (exact), because ORT's s8 x s8 GEMM is ~10x slower than u8 x s8
+    on x86; ``MatMulIntegerToFloat`` removes that zero point itself. Asymmetric: a per-axis
+    ``QuantizeLinear`` on the input seen as ``[tokens, K]``.
+
+    Returns ``(codes, row_scale, a_zero_point, zp_row)``; ``zp_row`` is ``None`` when symmetric.
     """
     fmt = aq.fmt
     f32 = np.float32
-    x2 = b.node("Reshape", [x, b.const(prefix, "rows", np.array([-1, k], np.int64))], prefix)
     eps = b.const(prefix, "eps", np.array(EPS, f32))
     if aq.spec.symmetric:
         # max |x| per row as max(max x, -min x): two reductions, no Abs copy of the whole input
         # (ORT's Abs is a slow single pass here: ~1 ms on a 1024 x 1536 input, 2 threads).
-        hi = b.node("ReduceMax", [x2], prefix, axes=[1], keepdims=0)
-        lo = b.node("ReduceMin", [x2], prefix, axes=[1], keepdims=0)
+        hi = b.node("ReduceMax", [x], prefix, axes=[-1], keepdims=1)
+        lo = b.node("ReduceMin", [x], prefix, axes=[-1], keepdims=1)
         amax = b.node("Max", [hi, b.node("Neg", [lo], prefix)], prefix)
         top = float(fmt.qmax if fmt.qmax > 0 else -fmt.qmin)
         s = b.node(
             "Max", [b.node("Div", [amax, b.const(prefix, "top", np.array(top, f32))], prefix), eps], prefix
         )
         a_zp = b.const(prefix, "x_zp", np.array(128 if fmt.signed else 0, np.uint8))
-        q = b.node(
-            "QuantizeLinear",
-            [x2, s, b.node("Expand", [a_zp, b.node("Shape", [s], prefix)], prefix)],
-            prefix,
-            axis=0,
-        )
+        scaled = b.node("Mul", [x, b.node("Reciprocal", [s], prefix)], prefix)
+        q = b.node("QuantizeLinear", [scaled, b.const(prefix, "unit", np.array(1.0, f32)), a_zp], prefix)
         return q, s, a_zp, None
+    x2 = b.node("Reshape", [x, b.const(prefix, "rows", np.array([-1, k], np.int64))], prefix)
     zero = b.const(prefix, "zero", np.array(0.0, f32))
     lo = b.node("Min", [b.node("ReduceMin", [x2], prefix, axes=[1], keepdims=0), zero], prefix)
     hi = b.node("Max", [b.node("ReduceMax", [x2], prefix, axes=[1], keepdims=0), zero], prefix)
@@ -474,24 +473,26 @@ def _per_token_gemm(
         ],
         prefix,
     )
+    if zp_row is None:  # symmetric: codes kept the input's shape, ``s`` is [..., 1]
+        out = b.node("Mul", [prod, s], prefix, None if bias is not None else [y])
+        if bias is not None:
+            b.node("Add", [out, b.const(prefix, "bias", bias.astype(f32))], prefix, [y])
+        return
     ax1 = b.const(prefix, "ax1", np.array([1], np.int64))
     out = b.node("Mul", [prod, b.node("Unsqueeze", [s, ax1], prefix)], prefix)
-    if zp_row is not None:
-        # Zero-point correction and bias in one pass over the output: a K=2 Gemm accumulating into
-        # it, [-s*zp_row, 1] @ [colsum(W); bias]  (colsum of the dequantized weight, per column).
-        colsum = ((w.astype(np.int64) - zp.astype(np.int64)[None, :]).sum(axis=0) * scale).astype(f32)
-        neg = b.node("Unsqueeze", [b.node("Neg", [b.node("Mul", [s, zp_row], prefix)], prefix), ax1], prefix)
-        a2, rows = neg, [colsum]
-        if bias is not None:
-            ones = b.node(
-                "Expand",
-                [b.const(prefix, "one_col", np.ones((1, 1), f32)), b.node("Shape", [neg], prefix)],
-                prefix,
-            )
-            a2, rows = b.node("Concat", [neg, ones], prefix, axis=1), [colsum, bias]
-        out = b.node("Gemm", [a2, b.const(prefix, "corr_bias", np.stack(rows).astype(f32)), out], prefix)
-    elif bias is not None:
-        out = b.node("Add", [out, b.const(prefix, "bias", bias.astype(f32))], prefix)
+    # Zero-point correction and bias in one pass over the output: a K=2 Gemm accumulating into
+    # it, [-s*zp_row, 1] @ [colsum(W); bias]  (colsum of the dequantized weight, per column).
+    colsum = ((w.astype(np.int64) - zp.astype(np.int64)[None, :]).sum(axis=0) * scale).astype(f32)
+    neg = b.node("Unsqueeze", [b.node("Neg", [b.node("Mul", [s, zp_row], prefix)], prefix), ax1], prefix)
+    a2, rows = neg, [colsum]
+    if bias is not None:
+        ones = b.node(
+            "Expand",
+            [b.const(prefix, "one_col", np.ones((1, 1), f32)), b.node("Shape", [neg], prefix)],
+            prefix,
+        )
+        a2, rows = b.node("Concat", [neg, ones], prefix, axis=1), [colsum, bias]
+    out = b.node("Gemm", [a2, b.const(prefix, "corr_bias", np.stack(rows).astype(f32)), out], prefix)
     # Back to the input's leading shape with N features.
     lead = b.node(
         "Slice",
