@@ -15,7 +15,7 @@ from torch import nn
 import lowbit
 import lowbit.eval.artifact_info
 from lowbit import packing
-from lowbit.export import artifact
+from lowbit.export import compact
 from lowbit.export.artifact import CODED_VERSION, MANIFEST_FILE, WEIGHTS_FILE, ArtifactError, read_manifest
 
 
@@ -209,10 +209,10 @@ def test_run_length_coding_is_exact(bits, gen):
     fields[torch.rand(4000, generator=gen) < 0.9] = (1 << bits) - 1  # the common code need not be 0
     fields[100:1500] = (1 << bits) - 1  # a gap longer than 255 needs escape bytes
     raw = packing.pack(fields, bits) if bits < 8 else fields.to(torch.uint8)
-    coding, gaps, values = artifact._encode_runs(raw, bits)
+    coding, gaps, values = compact._encode_runs(raw, bits)
     assert coding[:3] == ["runs", bits, (1 << bits) - 1] and gaps.numel() > coding[3]  # escapes were used
-    assert torch.equal(artifact._decode_runs(coding, raw.numel(), gaps, values), raw)
-    assert artifact._encode_runs(torch.randint(0, 256, (64,), dtype=torch.uint8, generator=gen), 4) is None
+    assert torch.equal(compact._decode_runs(coding, raw.numel(), gaps, values), raw)
+    assert compact._encode_runs(torch.randint(0, 256, (64,), dtype=torch.uint8, generator=gen), 4) is None
 
 
 def test_no_pickle_anywhere_in_the_source():

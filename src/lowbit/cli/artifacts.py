@@ -1,0 +1,118 @@
+"""Verbs that write or read a quantized model on disk: ``quantize``, ``inspect`` and ``export``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from lowbit.cli.common import CliError, _optional, _out
+from lowbit.cli.inputs import _calibration, _check_output_dir, _model, _quantize, _quantized, _recipe
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from lowbit.export.artifact import save
+    from lowbit.size import size_report
+
+    recipe = _recipe(args.recipe)
+    out = _check_output_dir(args.output, args.force)
+    zm = _model(args.model)
+    qmodel = _quantize(zm, recipe, _calibration(args, zm))
+    report = size_report(qmodel)
+    manifest = save(qmodel, out)
+    quantized = [r for r in report.layers if r.kind != "float"]
+    kept = next((r.parameters for r in report.layers if r.kind == "float"), 0)
+    text = (
+        f"saved {out}/ ({manifest['file']['bytes']:,} bytes in {manifest['file']['name']}, "
+        f"float32 tensors: {report.float_bytes:,}): {len(quantized)} layers as {recipe.name}, "
+        f"{report.bits_per_param:.2f} bits/param, {kept:,} parameters kept float\n"
+        f"next: lowbit inspect {out}   |   lowbit eval {args.model} --artifact {out}"
+    )
+    _out(
+        args,
+        text,
+        {"path": str(out), "recipe": recipe.name, "file": manifest["file"], "totals": manifest["totals"]},
+    )
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from lowbit.eval.artifact_info import inspect_artifact
+    from lowbit.export.artifact import ArtifactError
+    from lowbit.report import text_table
+
+    path = Path(args.dir)
+    if not path.is_dir():
+        raise CliError(
+            f"artifact directory {path} does not exist; give the folder 'lowbit quantize -o' wrote", 2
+        )
+    try:
+        info = inspect_artifact(path)
+    except ArtifactError as err:
+        raise CliError(str(err), 1) from None
+    headers = [
+        "layer",
+        "kind",
+        "format",
+        "granularity",
+        "params",
+        "stored bytes",
+        "bits/param",
+        "activations",
+    ]
+    rows = [
+        [
+            r.name,
+            r.kind,
+            r.format,
+            r.granularity,
+            f"{r.parameters:,}",
+            f"{r.stored_bytes:,}",
+            f"{r.bits_per_param:.3f}",
+            r.activation,
+        ]
+        for r in info.layers
+    ]
+    formats = ", ".join(f"{f}: {n:,} params" for f, n in info.formats.items())
+    claim = info.manifest_bits_per_param
+    lines = [
+        f"artifact {info.path}: recipe {info.recipe}, {info.file_name} {info.file_bytes:,} bytes on disk "
+        f"(+ lowbit.json {info.manifest_bytes:,})",
+        f"formats: {formats}",
+        "",
+        text_table(headers, rows),
+        "",
+        f"total: {info.parameters:,} parameters, {info.stored_bytes:,} tensor bytes, "
+        f"{info.bits_per_param:.4f} bits/param (stored bytes * 8 / parameters; manifest says "
+        f"{claim if claim is not None else '?'})",
+    ]
+    if info.verified:
+        lines.append(
+            "verified: file size and sha256, every tensor's shape, dtype and bytes, and the "
+            "bits/param (within 1%) match the manifest"
+        )
+    else:
+        lines += [f"PROBLEM: {p}" for p in info.problems]
+    _out(args, "\n".join(lines), info.to_dict())
+    return 0 if info.verified else 1
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    export_onnx = _optional("lowbit.export.onnx", "export_onnx", "export")
+    out = Path(args.output).expanduser()
+    if out.exists() and not args.force:
+        raise CliError(f"{out} exists; pass --force to overwrite it", 2)
+    if out.suffix != ".onnx":
+        raise CliError(f"-o {out}: give a file name ending in .onnx", 2)
+    if args.recipe:
+        _recipe(args.recipe)
+    zm = _model(args.model)
+    if not zm.example_inputs:
+        raise CliError(f"model {zm.name!r} has no example inputs to trace; export it from Python", 2)
+    qmodel = _quantized(args, zm)
+    example = zm.example_inputs[0] if len(zm.example_inputs) == 1 else zm.example_inputs
+    if isinstance(zm.calibration[0] if zm.calibration else None, dict):
+        example = zm.calibration[0]  # text models: export with named inputs
+    report = export_onnx(qmodel, out, example)
+    text = report.to_text() if hasattr(report, "to_text") else f"exported {out}"
+    _out(args, text, report)
+    return 0
