@@ -25,7 +25,7 @@ from typing import TextIO
 from lowbit.eval.compare import FLOAT, Technique, compare, recipe_technique
 from lowbit.eval.evaluate import EvalRecord
 from lowbit.report import summary, text_table, write_report
-from lowbit.report.table import NOISY_NOTE, REFERENCE_NOTE
+from lowbit.report.table import NOISY_NOTE, REFERENCE_NOTE, SIZE_NOTE
 
 MODEL = "digits-cnn"
 # The write-up's matrix, named by preset so each row can be reproduced with `lowbit quantize --recipe`.
@@ -107,6 +107,7 @@ def run_demo(
     _say(stream, "")
     _say(stream, text_table(*summary(records)))
     _say(stream, "")
+    _say(stream, SIZE_NOTE)
     _say(stream, REFERENCE_NOTE)
     if any(_noisy(r) for r in records):
         _say(stream, NOISY_NOTE)

@@ -15,7 +15,8 @@ from lowbit.report.table import NOISY_NOTE, REFERENCE_NOTE, layer_rows, markdown
 def measurement_notes(meta: dict[str, Any]) -> list[str]:
     """How the numbers were measured, one sentence each (shared with the HTML page)."""
     notes = [
-        "size: bytes of `model.safetensors` written by `lowbit.save` and read back from disk; "
+        "size: bytes of the tensor file written by `lowbit.save` and read back from disk (the "
+        "manifest is not counted: `manifest_bytes` in the JSON); "
         "bits/param = stored tensor bits (codes, scales, zero points, codebooks, float leftovers) "
         "/ parameters; size reduction = float file / quantized file.",
         "metric: on held-out data, float and quantized model on the same batches.",

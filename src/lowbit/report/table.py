@@ -29,6 +29,11 @@ NOISY_NOTE = (
     "(noisy): the timings of that row scattered by more than 25% (interquartile range / median), "
     "usually a busy machine; rerun on an idle one before trusting the speed-up."
 )
+SIZE_NOTE = (
+    "size (bytes): the tensor file as written by lowbit.save and read back (model.safetensors, or "
+    "model.safetensors.xz when lzma-coded); the manifest is not counted here (manifest_bytes in the "
+    "JSON report; a few hundred bytes to a few KB)."
+)
 REFERENCE_NOTE = (
     "n/a (ref): the reference backend dequantizes weights and runs the float op; it checks the "
     "arithmetic and is not a speed claim (its measured time is in the latency column and the JSON)."
