@@ -59,6 +59,10 @@ ENCODER_INT4 = Recipe(
 )
 
 
+BENCH_COLUMNS = ["variant", "batch", "latency", "vs ORT fp32", "fidelity", "size", "backend"]
+KERNEL_COLUMNS = ["kernel", "rows", "latency", "vs fp32 ORT", "limit", "of limit"]
+
+
 @dataclass
 class BenchRow:
     """One model variant at one batch size."""
@@ -114,41 +118,49 @@ class BenchReport:
         }
 
     def to_markdown(self) -> str:
+        from lowbit.report.table import markdown_table
+
         cpu = self.cpu
         flags = ", ".join(k for k in ("avx2", "avx512", "vnni", "amx", "neon") if cpu.get(k)) or "none"
+        rows = [
+            [
+                r.name + (f" — {r.note}" if r.note else ""),
+                str(r.batch),
+                f"{r.latency_ms:.2f} ms",
+                "" if r.speedup is None else f"{r.speedup:.2f}x",
+                "" if r.fidelity is None else f"{r.fidelity:.4f} ({r.metric})",
+                "" if r.size_mb is None else f"{r.size_mb:.1f} MB",
+                r.backend,
+            ]
+            for r in self.rows
+        ]
         out = [
             f"## lowbit bench {self.model}",
             "",
             f"CPU: {cpu.get('model')} ({flags}), {self.threads} threads; median of {self.repeats} "
             "interleaved repeats; speed-up is against float ONNX Runtime in the same run.",
             "",
-            "| variant | batch | latency | vs ORT fp32 | fidelity | size | backend |",
-            "| --- | --- | --- | --- | --- | --- | --- |",
+            markdown_table(BENCH_COLUMNS, rows),
         ]
-        for r in self.rows:
-            speed = "" if r.speedup is None else f"{r.speedup:.2f}x"
-            fid = "" if r.fidelity is None else f"{r.fidelity:.4f} ({r.metric})"
-            size = "" if r.size_mb is None else f"{r.size_mb:.1f} MB"
-            name = r.name + (f" — {r.note}" if r.note else "")
-            out.append(
-                f"| {name} | {r.batch} | {r.latency_ms:.2f} ms | {speed} | {fid} | {size} | {r.backend} |"
-            )
         if self.kernels:
+            kernel_rows = [
+                [
+                    k.kernel + (f" ({k.note})" if k.note else ""),
+                    str(k.rows),
+                    f"{k.latency_ms:.3f} ms",
+                    f"{k.speedup:.2f}x",
+                    "" if k.limit is None else f"{k.limit:.2f}x",
+                    "" if k.of_limit is None else f"{k.of_limit * 100:.0f}%",
+                ]
+                for k in self.kernels
+            ]
             out += [
                 "",
                 "Kernel table: one 4096x4096 linear. Limit = fp32 bytes / stored bytes at 1 row "
                 "(memory-bound), int8 vs fp32 peak compute at 64 rows.",
                 "",
-                "| kernel | rows | latency | vs fp32 ORT | limit | of limit |",
-                "| --- | --- | --- | --- | --- | --- |",
+                markdown_table(KERNEL_COLUMNS, kernel_rows),
             ]
-            for k in self.kernels:
-                lim = "" if k.limit is None else f"{k.limit:.2f}x"
-                frac = "" if k.of_limit is None else f"{k.of_limit * 100:.0f}%"
-                name = k.kernel + (f" ({k.note})" if k.note else "")
-                out.append(
-                    f"| {name} | {k.rows} | {k.latency_ms:.3f} ms | {k.speedup:.2f}x | {lim} | {frac} |"
-                )
         out += ["", *[f"- {n}" for n in self.notes]]
         return "\n".join(out).rstrip() + "\n"
 

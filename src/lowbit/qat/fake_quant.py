@@ -161,11 +161,17 @@ class ActFakeQuant(nn.Module):
         if self.spec.observer == "minmax":
             return x.min(), x.max()
         qp = choose_weight_qparams(x.reshape(-1), self.fmt, gran.PerTensor(), self.spec.symmetric, "mse")
-        scale = qp.scale.reshape(())
-        if qp.zero_point is None:
+        return self._covered_range(qp.scale, qp.zero_point)
+
+    def _covered_range(
+        self, scale: torch.Tensor, zero_point: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``(min, max)`` that a per-tensor ``(scale, zero_point)`` of this format represents."""
+        scale = scale.float().reshape(())
+        if zero_point is None:
             top = self.fmt.qmax if self.fmt.qmax > 0 else -self.fmt.qmin
             return -scale * top if self.fmt.signed else torch.zeros(()), scale * top
-        zp = qp.zero_point.reshape(()).float()
+        zp = zero_point.float().reshape(())
         return (self.fmt.qmin - zp) * scale, (self.fmt.qmax - zp) * scale
 
     @torch.no_grad()
@@ -173,12 +179,7 @@ class ActFakeQuant(nn.Module):
         """Start from a given static ``(scale, zero_point)`` (as PTQ calibration chooses them): the
         EMA range becomes the range they cover, and LSQ's learned scale / zero point take them."""
         scale = scale.float().reshape(())
-        if zero_point is None:
-            top = self.fmt.qmax if self.fmt.qmax > 0 else -self.fmt.qmin
-            lo, hi = (-scale * top if self.fmt.signed else torch.zeros(())), scale * top
-        else:
-            zp = zero_point.float().reshape(())
-            lo, hi = (self.fmt.qmin - zp) * scale, (self.fmt.qmax - zp) * scale
+        lo, hi = self._covered_range(scale, zero_point)
         self.min_val.copy_(lo)
         self.max_val.copy_(hi)
         self.initialized.fill_(True)

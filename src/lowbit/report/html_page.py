@@ -17,7 +17,7 @@ from typing import Any
 
 from lowbit.report.markdown_doc import measurement_notes, ort_lines
 from lowbit.report.plots import layer_error_png, pareto_front, pareto_png
-from lowbit.report.table import layer_rows, summary
+from lowbit.report.table import layer_rows, report_facts, summary
 
 _CSS = """
 body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto;
@@ -78,15 +78,7 @@ def _ort_section(rows: list[dict[str, Any]]) -> str:
 def html_report(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     """The whole report as one HTML page (``rows`` are ``EvalRecord.to_dict()`` dicts)."""
     title = str(meta.get("title", "lowbit report"))
-    facts = [
-        ("model", meta.get("model")),
-        ("description", meta.get("description")),
-        ("created", meta.get("created")),
-        ("machine", meta.get("machine")),
-        ("versions", meta.get("versions")),
-        ("total time", f"{meta['seconds']:.1f} s" if "seconds" in meta else None),
-    ]
-    meta_html = "".join(f"<dt>{escape(k)}</dt><dd>{escape(str(v))}</dd>" for k, v in facts if v)
+    meta_html = "".join(f"<dt>{escape(k)}</dt><dd>{escape(str(v))}</dd>" for k, v in report_facts(meta))
     front = set(pareto_front(rows))
     headers, table = summary(rows)
     classes = ["front" if r["name"] in front else "" for r in rows]

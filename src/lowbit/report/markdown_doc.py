@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lowbit.report.table import NOISY_NOTE, REFERENCE_NOTE, layer_rows, markdown_table, summary
+from lowbit.report.table import NOISY_NOTE, REFERENCE_NOTE, layer_rows, markdown_table, report_facts, summary
 
 
 def measurement_notes(meta: dict[str, Any]) -> list[str]:
@@ -50,15 +50,7 @@ def ort_lines(rows: list[dict[str, Any]]) -> list[str]:
 def markdown_report(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     """The whole report as Markdown (``rows`` are ``EvalRecord.to_dict()`` dicts)."""
     lines = [f"# {meta.get('title', 'lowbit report')}", ""]
-    facts = [
-        ("model", meta.get("model")),
-        ("description", meta.get("description")),
-        ("created", meta.get("created")),
-        ("machine", meta.get("machine")),
-        ("versions", meta.get("versions")),
-        ("total time", f"{meta['seconds']:.1f} s" if "seconds" in meta else None),
-    ]
-    lines += [f"- **{k}**: {v}" for k, v in facts if v]
+    lines += [f"- **{k}**: {v}" for k, v in report_facts(meta)]
     lines += ["", "## Summary", "", markdown_table(*summary(rows)), "", "## How this was measured", ""]
     lines += [f"- {n}" for n in measurement_notes(meta)]
     for note in meta.get("notes", []):

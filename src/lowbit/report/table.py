@@ -40,6 +40,19 @@ REFERENCE_NOTE = (
 )
 
 
+def report_facts(meta: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The run facts every report heads with, as ``(label, value)`` pairs; empty values left out."""
+    facts = [
+        ("model", meta.get("model")),
+        ("description", meta.get("description")),
+        ("created", meta.get("created")),
+        ("machine", meta.get("machine")),
+        ("versions", meta.get("versions")),
+        ("total time", f"{meta['seconds']:.1f} s" if "seconds" in meta else None),
+    ]
+    return [(k, v) for k, v in facts if v]
+
+
 def rows_of(records: list[EvalRecord] | list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Records as plain dicts (reports are rendered from the JSON form, so re-rendering works)."""
     return [r.to_dict() if isinstance(r, EvalRecord) else r for r in records]
