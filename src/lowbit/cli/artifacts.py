@@ -86,12 +86,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         f"{claim if claim is not None else '?'})",
     ]
     if info.verified:
-        lines.append(
-            "verified: file size and sha256, every tensor's shape, dtype and bytes, and the "
-            "bits/param (within 1%) match the manifest"
-        )
+        lines.append("verified:")
+        lines += [f"  - {c}" for c in info.checks]
     else:
         lines += [f"PROBLEM: {p}" for p in info.problems]
+    lines.append("not checked:")
+    lines += [f"  - {c}" for c in info.not_checked]
     _out(args, "\n".join(lines), info.to_dict())
     return 0 if info.verified else 1
 

@@ -11,7 +11,13 @@ from typing import Any
 from lowbit.cli.common import CliError, _progress
 
 # What lowbit.save writes; --force may replace a directory holding only these.
-ARTIFACT_FILES = ("lowbit.json", "lowbit.json.xz", "model.safetensors", "model.safetensors.xz")
+ARTIFACT_FILES = (
+    "lowbit.json",
+    "lowbit.json.xz",
+    "lowbit.sha256",
+    "model.safetensors",
+    "model.safetensors.xz",
+)
 
 
 def _recipe(spec: str) -> Any:
