@@ -46,7 +46,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             f"artifact directory {path} does not exist; give the folder 'lowbit quantize -o' wrote", 2
         )
     try:
-        info = inspect_artifact(path)
+        info = inspect_artifact(path, allow_unsealed=args.allow_unsealed)
     except ArtifactError as err:
         raise CliError(str(err), 1) from None
     headers = [

@@ -101,7 +101,8 @@ def _quantized(args: argparse.Namespace, zm: Any) -> Any:
         if not Path(args.artifact).is_dir():
             raise CliError(f"artifact directory {args.artifact} does not exist", 2)
         try:
-            return load(args.artifact, model=copy.deepcopy(zm.model))
+            unsealed = getattr(args, "allow_unsealed", False)
+            return load(args.artifact, model=copy.deepcopy(zm.model), allow_unsealed=unsealed)
         except ArtifactError as err:
             raise CliError(str(err), 1) from None
     if not getattr(args, "recipe", None):

@@ -58,7 +58,10 @@ SEALED_VERSIONS = (ARTIFACT_VERSION, CODED_VERSION)
 UNSEALED_VERSIONS = (LEGACY_VERSION, LEGACY_CODED_VERSION)
 READABLE_VERSIONS = (*SEALED_VERSIONS, *UNSEALED_VERSIONS)
 MAX_MANIFEST_BYTES = 64 << 20  # ~300k tensor entries; real manifests are kilobytes
-MAX_DECODED_BYTES = 4 << 30  # inspect (no model to bound it) decodes at most this much
+# Without a model to bound it (inspect), a coded artifact may decode to at most this many times its
+# tensor file, and at least this floor: Deep Compression codes ~5-40x, so both are generous.
+MAX_DECODE_RATIO = 64
+MIN_DECODE_CAP = 64 << 20
 HEADER_SLACK = 1 << 16  # safetensors header of a coded file's one stream tensor, with room to spare
 
 SealCheck = Callable[[Path], None]
@@ -354,15 +357,17 @@ def check_state(model: nn.Module, manifest: dict[str, Any]) -> None:
 
 
 def read_tensors(
-    directory: str | Path, manifest: dict[str, Any], max_decoded_bytes: int = MAX_DECODED_BYTES
+    directory: str | Path, manifest: dict[str, Any], max_decoded_bytes: int | None = None
 ) -> dict[str, torch.Tensor]:
     """The stored tensors, after checking the tensor file's size and sha256 against the manifest
     (from ``read_manifest``); each tensor's shape and dtype must be what the manifest lists.
-    ``max_decoded_bytes`` bounds what a coded artifact may decode to (``lowbit.load`` has already
-    bounded it by the model)."""
+    ``max_decoded_bytes`` bounds what a coded artifact may decode to (default: 64 times the tensor
+    file, at least 64 MiB; ``lowbit.load`` has already bounded it by the model)."""
     expected = manifest["file"]
     path = Path(directory) / COMPRESSIONS[expected["compression"]]
     declared = sum(e["bytes"] for e in manifest["tensors"].values())
+    if max_decoded_bytes is None:
+        max_decoded_bytes = max(MIN_DECODE_CAP, MAX_DECODE_RATIO * expected["bytes"])
     if declared > max_decoded_bytes:
         raise ArtifactError(
             f"{path}: the manifest declares {declared:,} bytes of tensors, more than the "
