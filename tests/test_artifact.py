@@ -121,7 +121,7 @@ def test_overwrite_is_atomic_and_leaves_no_temp_dirs(saved, tmp_path):
     q, out = saved
     lowbit.save(q, out)  # replace an existing artifact
     assert sorted(p.name for p in out.iterdir()) == [MANIFEST_FILE, SEAL_FILE, WEIGHTS_FILE]
-    assert [p.name for p in out.parent.iterdir()] == ["art"]
+    assert sorted(p.name for p in out.parent.iterdir()) == [".art.lock", "art"]  # the lock file stays
 
 
 def test_failed_save_keeps_the_previous_artifact(saved, monkeypatch):
@@ -135,7 +135,7 @@ def test_failed_save_keeps_the_previous_artifact(saved, monkeypatch):
     with pytest.raises(OSError):
         lowbit.save(q, out)
     assert (out / WEIGHTS_FILE).read_bytes() == before
-    assert [p.name for p in out.parent.iterdir()] == ["art"]
+    assert sorted(p.name for p in out.parent.iterdir()) == [".art.lock", "art"]
 
 
 def test_lzma_compressed_artifact_round_trips(tmp_path):

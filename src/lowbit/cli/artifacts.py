@@ -6,11 +6,10 @@ import argparse
 from pathlib import Path
 
 from lowbit.cli.common import CliError, _optional, _out
-from lowbit.cli.inputs import _calibration, _check_output_dir, _model, _quantize, _quantized, _recipe
+from lowbit.cli.inputs import _calibration, _check_output_dir, _model, _quantize, _quantized, _recipe, _save
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from lowbit.export.artifact import save
     from lowbit.size import size_report
 
     recipe = _recipe(args.recipe)
@@ -18,7 +17,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     zm = _model(args.model)
     qmodel = _quantize(zm, recipe, _calibration(args, zm))
     report = size_report(qmodel)
-    manifest = save(qmodel, out)
+    manifest = _save(qmodel, out)
     quantized = [r for r in report.layers if r.kind != "float"]
     kept = next((r.parameters for r in report.layers if r.kind == "float"), 0)
     text = (

@@ -56,7 +56,12 @@ def _data(path: str | None, zm: Any, batch_size: int, what: str) -> Any:
 
 def _check_output_dir(path: str, force: bool) -> Path:
     """Refuse to overwrite a non-empty directory without ``--force``, and never replace a
-    directory holding anything but a lowbit artifact (saving replaces the whole directory)."""
+    directory that is not a lowbit artifact (saving replaces the whole directory).
+
+    ``--force`` only lets an existing artifact be replaced: ``lowbit.save`` is called without
+    ``force=True``, so it refuses a non-artifact directory too (checked again under its lock)."""
+    from lowbit.export.atomic import ARTIFACT_MARKERS
+
     out = Path(path).expanduser()
     if out.exists() and not out.is_dir():
         raise CliError(f"output {out} exists and is a file; give a directory path with -o", 2)
@@ -70,7 +75,24 @@ def _check_output_dir(path: str, force: bool) -> Path:
                 f"(e.g. {foreign[0]}); choose another -o directory",
                 2,
             )
+        if not any((out / m).is_file() for m in ARTIFACT_MARKERS):
+            raise CliError(
+                f"refusing to replace {out}: it is not a lowbit artifact (no {ARTIFACT_MARKERS[0]}); "
+                "choose another -o directory",
+                2,
+            )
     return out
+
+
+def _save(qmodel: Any, out: Path) -> dict[str, Any]:
+    """``lowbit.save`` with its refusals (a file at the path, a directory that became a non-artifact
+    after ``_check_output_dir``) as one-line errors."""
+    from lowbit.export.artifact import ArtifactError, save
+
+    try:
+        return save(qmodel, out)
+    except ArtifactError as err:
+        raise CliError(str(err), 2) from None
 
 
 def _calibration(args: argparse.Namespace, zm: Any) -> list[Any] | None:

@@ -9,8 +9,8 @@ seal, strict schema, bounded reads, shapes against the model before allocating) 
 ``ArtifactError`` that names the file, tensor or layer at fault. Nothing is ever unpickled or
 executed from an artifact. The same model saved twice gives the same bytes (no timestamps).
 
-Writes are atomic: the files go to a temporary sibling directory that replaces the old one in one
-step, so a crash leaves either the previous artifact or the new one, never half of one.
+Writes are atomic and locked (``lowbit.export.atomic``): the files go to a staging directory beside the
+target that is swapped in, so at every instant the path holds the previous artifact or the new one.
 
 ``compression="lzma"`` writes a *coded* artifact (format version 4), where size on disk is the point:
 ``model.safetensors.xz`` and ``lowbit.json.xz``, coded and decoded by ``lowbit.export.compact``.
@@ -33,9 +33,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +41,7 @@ from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
 
 import lowbit
+from lowbit.export.atomic import write_directory
 from lowbit.export.compact import (
     CODED_VERSION,
     COMPRESSIONS,
@@ -123,27 +121,8 @@ def manifest_of(
     }
 
 
-def _write_atomically(directory: Path, files: dict[str, bytes]) -> None:
-    directory = directory.expanduser().resolve()
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
-    try:
-        for name, data in files.items():
-            with open(staging / name, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-        if directory.exists():
-            # Move the old artifact aside first, so the directory is never missing or half-written.
-            backup = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.old-"))
-            os.replace(directory, backup / "old")
-            os.replace(staging, directory)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(staging, directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+def _write_atomically(directory: Path, files: dict[str, bytes], force: bool = False) -> None:
+    write_directory(directory, files, force=force)
 
 
 def save(
@@ -151,14 +130,17 @@ def save(
     directory: str | Path,
     metrics: dict[str, Any] | None = None,
     compression: str | None = None,
+    *,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Write ``directory/model.safetensors`` and ``directory/lowbit.json`` atomically; returns the manifest.
 
     ``metrics`` (optional, JSON-ready) is stored as provenance, e.g. the accuracy you measured.
     ``compression="lzma"`` entropy-codes the tensor file (``model.safetensors.xz``): smaller on disk
-    for low-entropy codes (pruned or clustered weights), decoded on load. An existing artifact
-    directory is replaced as a whole. ``None`` uses the model's own preference
-    (``model.lowbit_compression``, set e.g. by the Deep Compression pipeline), else ``"none"``.
+    for low-entropy codes (pruned or clustered weights), decoded on load. ``None`` uses the model's
+    own preference (``model.lowbit_compression``, set e.g. by the Deep Compression pipeline), else
+    ``"none"``. An existing artifact directory is replaced as a whole; any other non-empty
+    directory is refused with ``ArtifactError`` unless ``force=True``.
     """
     if compression is None:
         compression = getattr(model, "lowbit_compression", "none")
@@ -168,7 +150,7 @@ def save(
     manifest = manifest_of(model, tensors, aliases)
     if compression == "lzma":
         manifest, files = coded_files(model, tensors, manifest, metrics or {})
-        _write_atomically(Path(directory), _sealed(files))
+        _write_atomically(Path(directory), _sealed(files), force)
         return manifest
     # One metadata key: safetensors writes its metadata map in hash order, so two keys could be
     # written in either order and the same model would not always give the same bytes.
@@ -182,7 +164,7 @@ def save(
     }
     manifest["metrics"] = metrics or {}
     files = {COMPRESSIONS[compression]: data, MANIFEST_FILE: (json.dumps(manifest, indent=2) + "\n").encode()}
-    _write_atomically(Path(directory), _sealed(files))
+    _write_atomically(Path(directory), _sealed(files), force)
     return manifest
 
 
