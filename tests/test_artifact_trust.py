@@ -69,6 +69,7 @@ def test_seal_is_sha256sum_format_and_covers_every_file(art) -> None:  # noqa: A
         (lambda m: m.update(surprise=1), "surprise"),
         (lambda m: m["file"].update(uncompressed_bytes=1 << 40), "do not fit"),
         (lambda m: m["recipe"]["weight"].update(bits=3), "recipe"),
+        (lambda m: m["recipe"]["weight"].update(symmetric="no"), "recipe.weight.symmetric"),
         (lambda m: m["tensors"].update({"0.extra": m["tensors"]["0.bias"]}), "0.extra"),
     ],
 )

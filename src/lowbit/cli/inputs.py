@@ -8,7 +8,7 @@ import copy
 from pathlib import Path
 from typing import Any
 
-from lowbit.cli.common import CliError, _progress
+from lowbit.cli.common import BAD_INPUT, CliError, _progress
 
 # What lowbit.save writes; --force may replace a directory holding only these.
 ARTIFACT_FILES = (
@@ -27,9 +27,12 @@ def _recipe(spec: str) -> Any:
         return resolve(spec)
     except (ValueError, OSError) as err:
         msg = str(err)
-        if "unknown recipe" in msg:
-            msg = f"unknown recipe {spec!r}; choose one of: {', '.join(names())} (or a recipe YAML file)"
-        raise CliError(f"{msg}; list them with 'lowbit recipes'", 2) from None
+        if msg.startswith("unknown recipe"):
+            msg = (
+                f"unknown recipe {spec!r}; choose one of: {', '.join(names())} (or a recipe YAML file); "
+                "list them with 'lowbit recipes'"
+            )
+        raise CliError(msg, 2) from None
 
 
 def _model(spec: str) -> Any:
@@ -140,5 +143,7 @@ def _quantize(zm: Any, recipe: Any, calibration: list[Any] | None) -> Any:
         raise CliError(f"recipe {recipe.name!r} needs calibration data; pass --calib DATA", 2)
     try:
         return quantize(zm.model, recipe, calibration=calibration, progress=_progress())
+    except BAD_INPUT as err:  # the model, the data or the recipe is at fault, not the work
+        raise CliError(str(err), 2) from None
     except ValueError as err:
         raise CliError(f"quantization failed: {err}", 1) from None

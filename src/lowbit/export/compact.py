@@ -32,6 +32,7 @@ from torch import nn
 
 from lowbit import granularity as gran
 from lowbit import packing
+from lowbit.errors import ArtifactError
 from lowbit.nn.base import QuantizedModule
 from lowbit.nn.layers import QUANTIZED_CLASSES
 
@@ -49,8 +50,6 @@ MANIFEST_FILE = "lowbit.json"
 COMPRESSIONS = {"none": WEIGHTS_FILE, "lzma": WEIGHTS_FILE + ".xz"}
 
 
-class ArtifactError(ValueError):
-    """An artifact is missing, corrupt, tampered with, or does not fit the given model."""
 
 
 # Here rather than in artifact.py because expanding a compact manifest derives every tensor's role

@@ -15,7 +15,7 @@ True
 >>> validate_manifest(m, "lowbit.json")
 Traceback (most recent call last):
 ...
-lowbit.export.compact.ArtifactError: lowbit.json: layers.0.weights.qweight.format: unknown format 'int9'
+lowbit.errors.ArtifactError: lowbit.json: layers.0.weights.qweight.format: unknown format 'int9'
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, S
 
 from lowbit import formats
 from lowbit import granularity as gran
-from lowbit.export.compact import ArtifactError
+from lowbit.errors import ArtifactError
 
 MAX_DIMS = 8
 MAX_NAME = 512  # a qualified module or tensor name

@@ -29,7 +29,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from lowbit.export.compact import ArtifactError
+from lowbit.errors import ArtifactError
 
 CHUNK = 1 << 20
 MAX_JSON_DEPTH = 64  # the manifest nests 6 levels; recipes and metrics a few more

@@ -20,7 +20,7 @@ import hashlib
 import re
 from pathlib import Path
 
-from lowbit.export.compact import ArtifactError
+from lowbit.errors import ArtifactError
 
 SEAL_FILE = "lowbit.sha256"
 MAX_SEAL_BYTES = 4096  # a handful of lines
