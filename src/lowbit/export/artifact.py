@@ -167,7 +167,9 @@ def save(
         manifest, files = coded_files(model, tensors, manifest, metrics or {})
         _write_atomically(Path(directory), files)
         return manifest
-    data = save_safetensors_bytes(tensors, metadata={"format": "pt", "producer": "lowbit"})
+    # One metadata key: safetensors writes the metadata in hash-map order, which changes from one
+    # process to the next, and the same model must give the same bytes (the manifest says who wrote it).
+    data = save_safetensors_bytes(tensors, metadata={"format": "pt"})
     manifest["file"] = {
         "name": COMPRESSIONS[compression],
         "compression": compression,
