@@ -33,7 +33,7 @@ from lowbit.algorithms.rtn import choose_weight_qparams
 from lowbit.algorithms.smoothquant import smoothquant_scales
 from lowbit.granularity import PerChannel, PerGroup, PerTensor, parse
 from lowbit.nn.qweight import QuantizedWeight
-from lowbit.primitives import QParams, quantize
+from lowbit.primitives import QParams, check_finite, quantize
 from lowbit.ptq.matrices import Matrix, matrices, read
 from lowbit.ptq.plan import LayerPlan
 from lowbit.ptq.stats import Group, InputStats
@@ -249,6 +249,7 @@ def apply_group(group: Group, recipe: Recipe) -> dict[str, LayerResult]:
     for layer in group.layers:
         for m in matrices(layer):
             w = read(layer, m)
+            check_finite(w, f"layer {layer.name} {m.param}")
             entries.append(_Entry(layer, m, w.clone(), w))
     by_source: dict[str, list[_Entry]] = {}
     for e in entries:
