@@ -32,8 +32,9 @@ from lowbit.algorithms.gptq import gptq_quantize, reconstruction_error
 from lowbit.algorithms.rtn import choose_weight_qparams
 from lowbit.algorithms.smoothquant import smoothquant_scales
 from lowbit.granularity import PerChannel, PerGroup, PerTensor, parse
+from lowbit.nn.layers import quantize_weight
 from lowbit.nn.qweight import QuantizedWeight
-from lowbit.primitives import QParams, check_finite, quantize
+from lowbit.primitives import QParams, check_finite, dequantize, quantize
 from lowbit.ptq.matrices import Matrix, matrices, read
 from lowbit.ptq.plan import LayerPlan
 from lowbit.ptq.stats import Group, InputStats
@@ -196,24 +197,16 @@ class LayerResult:
 
 
 def quantize_rtn(layer: LayerPlan, steps: tuple[str, ...]) -> LayerResult:
-    """A data-free sequence (``rtn`` or ``mse``): quantize every matrix of the layer now."""
+    """A data-free sequence (``rtn`` or ``mse``): quantize every weight of the layer now."""
     assert layer.weight is not None
     spec = dataclasses.replace(layer.weight, algorithm=steps[-1])
     result = LayerResult({})
-    for m in matrices(layer):
-        w = read(layer, m) if m.rows is None else read(layer, dataclasses.replace(m, rows=None))
-        if m.param in result.weights:
-            continue  # grouped conv: the whole matrix is quantized at once
-        qw = _rtn(w, spec, f"layer {layer.name} {m.param}")
+    # One matrix per parameter: a grouped conv's groups share one kernel and are quantized as one.
+    for m in {m.param: dataclasses.replace(m, rows=None) for m in matrices(layer)}.values():
+        qw = quantize_weight(read(layer, m), spec, f"layer {layer.name} {m.param}")
         result.weights[m.param] = qw
-        result.effective.append((dataclasses.replace(m, rows=None), qw.dequantize()))
+        result.effective.append((m, qw.dequantize()))
     return result
-
-
-def _rtn(w: torch.Tensor, spec, what: str) -> QuantizedWeight:
-    from lowbit.nn.layers import quantize_weight
-
-    return quantize_weight(w, spec, what)
 
 
 def _scaled_gram(stats: InputStats, c: torch.Tensor | None) -> torch.Tensor:
@@ -303,9 +296,9 @@ def apply_group(group: Group, recipe: Recipe) -> dict[str, LayerResult]:
             with single_thread():  # many small ops: a second thread only adds sync cost
                 c_codes, qp = gptq_quantize(e.w, hessian, fmt, g, spec.symmetric)
                 rtn_qp = choose_weight_qparams(e.w, fmt, g, spec.symmetric, "rtn")
-                rtn = _dequant(quantize(e.w, fmt, rtn_qp), fmt, rtn_qp)
+                rtn = dequantize(quantize(e.w, fmt, rtn_qp), fmt, rtn_qp)
                 info = {
-                    "gptq_error": reconstruction_error(e.w, _dequant(c_codes, fmt, qp), hessian),
+                    "gptq_error": reconstruction_error(e.w, dequantize(c_codes, fmt, qp), hessian),
                     "rtn_error": reconstruction_error(e.w, rtn, hessian),
                 }
         elif quantizer == "awq":
@@ -367,9 +360,3 @@ def apply_group(group: Group, recipe: Recipe) -> dict[str, LayerResult]:
                 else:
                     result.bias_shift[pe.m.rows[0] : pe.m.rows[1]] += shift
     return results
-
-
-def _dequant(codes: torch.Tensor, fmt, qp: QParams) -> torch.Tensor:
-    from lowbit.primitives import dequantize
-
-    return dequantize(codes, fmt, qp)

@@ -218,8 +218,9 @@ class _Pipeline:
                 f"layer {missing[0]} is never called on the calibration data, so it cannot be calibrated; "
                 "exclude it from the recipe or give batches that reach it"
             )
-        for layer in layers:
-            if layer not in data_layers:
+        calibrated = {layer.name for layer in data_layers}
+        for layer in layers:  # data-free layers now: the stages then see their quantized outputs
+            if layer.name not in calibrated:
                 self._keep(layer, quantize_rtn(layer, self.sequences[layer.name]))
 
         stages = probe.layout.stages
