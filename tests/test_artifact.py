@@ -17,6 +17,8 @@ import lowbit.eval.artifact_info
 from lowbit import packing
 from lowbit.export import compact
 from lowbit.export.artifact import CODED_VERSION, MANIFEST_FILE, WEIGHTS_FILE, ArtifactError, read_manifest
+from lowbit.export.seal import SEAL_FILE
+from sealing import reseal
 
 
 def small_model() -> nn.Module:
@@ -81,6 +83,9 @@ def test_tampered_bytes_are_reported(saved):
 def test_corrupt_manifest_is_reported(saved):
     _, out = saved
     (out / MANIFEST_FILE).write_text("{not json")
+    with pytest.raises(ArtifactError, match="does not match its sha256 in lowbit.sha256"):
+        lowbit.load(out, model=small_model())
+    reseal(out)
     with pytest.raises(ArtifactError, match="not valid JSON"):
         lowbit.load(out, model=small_model())
 
@@ -90,7 +95,8 @@ def test_manifest_shape_tampering_names_the_tensor(saved):
     manifest = json.loads((out / MANIFEST_FILE).read_text())
     manifest["tensors"]["3.qweight.scale"]["shape"] = [99, 1]
     (out / MANIFEST_FILE).write_text(json.dumps(manifest))
-    with pytest.raises(ArtifactError, match="'3.qweight.scale'"):
+    reseal(out)
+    with pytest.raises(ArtifactError, match="3.qweight.scale"):
         lowbit.load(out, model=small_model())
 
 
@@ -114,8 +120,8 @@ def test_missing_files_are_reported(tmp_path):
 def test_overwrite_is_atomic_and_leaves_no_temp_dirs(saved, tmp_path):
     q, out = saved
     lowbit.save(q, out)  # replace an existing artifact
-    assert sorted(p.name for p in out.iterdir()) == [MANIFEST_FILE, WEIGHTS_FILE]
-    assert [p.name for p in out.parent.iterdir()] == ["art"]
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST_FILE, SEAL_FILE, WEIGHTS_FILE]
+    assert sorted(p.name for p in out.parent.iterdir()) == [".art.lock", "art"]  # the lock file stays
 
 
 def test_failed_save_keeps_the_previous_artifact(saved, monkeypatch):
@@ -129,13 +135,14 @@ def test_failed_save_keeps_the_previous_artifact(saved, monkeypatch):
     with pytest.raises(OSError):
         lowbit.save(q, out)
     assert (out / WEIGHTS_FILE).read_bytes() == before
-    assert [p.name for p in out.parent.iterdir()] == ["art"]
+    assert sorted(p.name for p in out.parent.iterdir()) == [".art.lock", "art"]
 
 
 def test_lzma_compressed_artifact_round_trips(tmp_path):
     q = lowbit.quantize(small_model(), "kmeans-4bit")
     manifest = lowbit.save(q, tmp_path / "z", compression="lzma")
-    assert sorted(p.name for p in (tmp_path / "z").iterdir()) == ["lowbit.json.xz", "model.safetensors.xz"]
+    names = sorted(p.name for p in (tmp_path / "z").iterdir())
+    assert names == ["lowbit.json.xz", SEAL_FILE, "model.safetensors.xz"]
     assert manifest["file"]["bytes"] == os.path.getsize(tmp_path / "z" / "model.safetensors.xz")
     x = torch.randn(2, 1, 8, 8)
     assert torch.equal(lowbit.load(tmp_path / "z", model=small_model())(x), q(x))
@@ -153,7 +160,7 @@ def test_coded_artifact_manifest_is_compact_and_reads_back_in_full(recipe, tmp_p
     assert coded["lowbit_artifact"] == CODED_VERSION
     assert read_manifest(tmp_path / "coded") == coded  # the compact file expands to what save returned
     # Apart from the version, the file entry and the tensor codings, it is the plain manifest.
-    drop = ("lowbit_artifact", "file", "created")
+    drop = ("lowbit_artifact", "file")
     assert {k: v for k, v in coded.items() if k not in drop and k != "tensors"} == {
         k: v for k, v in plain.items() if k not in drop and k != "tensors"
     }
@@ -168,10 +175,12 @@ def test_coded_artifact_manifest_is_compact_and_reads_back_in_full(recipe, tmp_p
     assert not info.problems and info.stored_bytes == plain["totals"]["stored_bytes"]
 
 
-def test_version_1_lzma_artifacts_still_load(tmp_path):
-    """Artifacts written before format 2: one xz-coded safetensors file and the full manifest."""
+def test_version_1_lzma_artifacts_still_load_when_allowed(tmp_path):
+    """Artifacts written before format 2: one xz-coded safetensors file and the full manifest, no seal."""
     q = lowbit.quantize(small_model(), "kmeans-4bit")
     manifest = lowbit.save(q, tmp_path / "old")
+    manifest.update(lowbit_artifact=1, created="2026-01-01T00:00:00+00:00")
+    (tmp_path / "old" / SEAL_FILE).unlink()
     data = lzma.compress((tmp_path / "old" / WEIGHTS_FILE).read_bytes())
     manifest["file"].update(name=WEIGHTS_FILE + ".xz", compression="lzma", bytes=len(data))
     manifest["file"]["sha256"] = hashlib.sha256(data).hexdigest()
@@ -179,9 +188,11 @@ def test_version_1_lzma_artifacts_still_load(tmp_path):
     (tmp_path / "old" / MANIFEST_FILE).unlink()
     (tmp_path / "old" / (WEIGHTS_FILE + ".xz")).write_bytes(data)
     (tmp_path / "old" / (MANIFEST_FILE + ".xz")).write_bytes(lzma.compress(json.dumps(manifest).encode()))
-    assert read_manifest(tmp_path / "old")["lowbit_artifact"] == 1
+    with pytest.raises(ArtifactError, match="allow_unsealed=True"):
+        read_manifest(tmp_path / "old")
+    assert read_manifest(tmp_path / "old", allow_unsealed=True)["lowbit_artifact"] == 1
     x = torch.randn(2, 1, 8, 8)
-    assert torch.equal(lowbit.load(tmp_path / "old", model=small_model())(x), q(x))
+    assert torch.equal(lowbit.load(tmp_path / "old", model=small_model(), allow_unsealed=True)(x), q(x))
 
 
 def test_coded_artifact_damage_is_reported(tmp_path):
@@ -193,6 +204,9 @@ def test_coded_artifact_damage_is_reported(tmp_path):
     rows = compact["tensors"]
     rows["3.qweight.scale"][1] = "oops"  # the shape
     path.write_bytes(lzma.compress(json.dumps(compact).encode()))
+    with pytest.raises(ArtifactError, match="sha256"):
+        lowbit.load(out, model=small_model())
+    reseal(out)
     with pytest.raises(ArtifactError, match="'3.qweight.scale'"):
         lowbit.load(out, model=small_model())
     lowbit.save(q, out, compression="lzma")

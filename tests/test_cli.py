@@ -96,6 +96,7 @@ def test_help_lists_every_verb_with_an_example(capsys):
         (["search", "digits-cnn"], 2, "give a constraint"),
     ],
 )
+@pytest.mark.usefixtures("digits_cnn_cached")  # a fresh machine's first load prints training progress
 def test_errors_are_one_line_with_the_right_exit_code(capsys, tmp_path, argv, code, message):
     (tmp_path / "bad.pt").write_bytes(b"this is not a tensor file")
     (tmp_path / "full").mkdir()

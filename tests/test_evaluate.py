@@ -18,7 +18,9 @@ from lowbit.eval.datafile import load_data
 from lowbit.eval.evaluate import Baseline, evaluate, measure_disk
 from lowbit.eval.latency import REFERENCE_BACKEND, backend_of, compare_latency, is_real_kernel
 from lowbit.eval.layers import layer_errors
+from lowbit.export.compact import ArtifactError
 from lowbit.nn.base import QuantizedModule
+from sealing import reseal
 
 
 @pytest.fixture(scope="module")
@@ -171,6 +173,9 @@ def test_inspect_detects_a_lying_manifest(tmp_path):
     manifest = json.loads((tmp_path / "a" / "lowbit.json").read_text())
     manifest["totals"]["bits_per_param"] *= 0.5  # claims half the bits actually stored
     (tmp_path / "a" / "lowbit.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="sha256"):
+        inspect_artifact(tmp_path / "a")
+    reseal(tmp_path / "a")
     bad = inspect_artifact(tmp_path / "a")
     assert not bad.verified and "bits/param" in bad.problems[0]
 

@@ -12,12 +12,17 @@ from lowbit import pruning, qat, train  # noqa: E402
 from lowbit.analysis import search, sensitivity  # noqa: E402
 from lowbit.api import calibrate, convert, load, prepare, quantize, save, size_report  # noqa: E402
 from lowbit.distill import DistillationLoss, distill  # noqa: E402
+from lowbit.errors import ArtifactError, DataError, ModelError, RecipeError  # noqa: E402
 from lowbit.eval.evaluate import evaluate  # noqa: E402
 from lowbit.recipes import Recipe  # noqa: E402
 
 __all__ = [
+    "ArtifactError",
+    "DataError",
     "DistillationLoss",
+    "ModelError",
     "Recipe",
+    "RecipeError",
     "__version__",
     "calibrate",
     "convert",

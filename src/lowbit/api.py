@@ -14,9 +14,12 @@ from typing import Any
 
 from torch import nn
 
+from lowbit.errors import DataError, RecipeError
 from lowbit.export.artifact import load, save
+from lowbit.ptq.checks import check_calibration, check_model
 from lowbit.ptq.convert import calibrate, convert, prepare
 from lowbit.ptq.data_aware import awq_weights, correct_biases, gptq_weights, smoothquant_weights
+from lowbit.ptq.plan import plan_model
 from lowbit.recipes import resolve
 from lowbit.recipes.spec import Recipe
 from lowbit.size import size_report
@@ -40,6 +43,11 @@ def quantize(
     ``calibration`` is any iterable of input batches (tensors, tuples, or dicts of tensors, as a
     DataLoader yields them); recipes with static activations or data-aware weight algorithms need
     it. The float model is left untouched unless ``inplace=True``. Returns the quantized model.
+
+    Bad input is refused before any work, each with one error type naming what is wrong
+    (``lowbit.errors``): ``RecipeError`` (the recipe), ``DataError`` (calibration data missing, or
+    constant: no input varies), ``ModelError`` (meta-device parameters, NaN / Inf in a weight or
+    bias, ``fp16`` / ``bf16`` overflow unless the recipe sets ``allow_saturation``).
     """
     recipe = resolve(recipe)
     if calibration is not None and not isinstance(calibration, (list, tuple)):
@@ -47,9 +55,15 @@ def quantize(
     steps = _data_aware(recipe) + (["smoothquant"] if recipe.smoothquant_alpha is not None else [])
     steps += ["bias_correction"] if recipe.bias_correction else []
     if steps and not calibration:
-        raise ValueError(f"{', '.join(steps)} needs calibration data: pass calibration=[batch, ...]")
+        raise DataError(f"{', '.join(steps)} needs calibration data: pass calibration=[batch, ...]")
     if len(steps) - recipe.bias_correction > 1:
-        raise ValueError(f"choose one of {', '.join(steps)}: they cannot be combined in one recipe yet")
+        raise RecipeError(f"choose one of {', '.join(steps)}: they cannot be combined in one recipe yet")
+    uses_data = bool(steps) or recipe.needs_calibration
+    # Calibration runs the whole forward pass, so then every parameter must be finite; prepare()
+    # repeats the per-layer checks and gives the saturation warnings.
+    check_model(model, plan_model(model, recipe), recipe.allow_saturation, whole_model=uses_data)
+    if uses_data and calibration:
+        check_calibration(calibration)
     extra: dict[str, Any] = {}
     for algorithm in _data_aware(recipe):
         extra = DATA_AWARE_ALGORITHMS[algorithm](model, recipe, calibration, progress)

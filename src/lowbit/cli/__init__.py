@@ -2,7 +2,8 @@
 
 Every error is one line saying what to do, never a traceback (``LOWBIT_DEBUG=1`` shows it):
 exit code 2 for bad input (unknown recipe, missing model or data file, output directory in the
-way), 1 when the work itself fails, 0 on success. ``--json`` prints machine-readable output on
+way, and every ``lowbit.errors`` type: ``RecipeError``, ``DataError``, ``ModelError``), 1 when
+the work itself fails, 0 on success. ``--json`` prints machine-readable output on
 stdout; progress and warnings go to stderr.
 
 Where things live:
@@ -26,7 +27,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from lowbit.cli.common import CliError, _one_line_warnings, _optional
+from lowbit.cli.common import BAD_INPUT, CliError, _one_line_warnings, _optional
 from lowbit.cli.parser import build_parser
 
 __all__ = ["CliError", "_optional", "build_parser", "main"]
@@ -45,6 +46,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CliError as err:
         print(f"lowbit {args.verb}: error: {err}", file=sys.stderr)
         return err.code
+    except BAD_INPUT as err:  # a recipe, data file or model at fault, from any verb (compare, search ...)
+        first = (str(err).strip().splitlines() or [""])[0]
+        print(f"lowbit {args.verb}: error: {first}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"lowbit {args.verb}: interrupted", file=sys.stderr)
         return 130

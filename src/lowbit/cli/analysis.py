@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from lowbit.cli.common import CliError, _optional, _progress, _show_result
-from lowbit.cli.inputs import _calibration, _check_output_dir, _eval_data, _model, _recipe
+from lowbit.cli.inputs import _calibration, _check_output_dir, _eval_data, _model, _recipe, _save
 
 
 def cmd_sensitivity(args: argparse.Namespace) -> int:
@@ -47,8 +47,6 @@ def cmd_search(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise CliError(str(err), 2) from None
     if out is not None:
-        from lowbit.export.artifact import save
-
-        save(result.model, out)
+        _save(result.model, out)
         print(f"saved the searched model to {out}/ (recipe in its lowbit.json)", file=sys.stderr)
     return _show_result(args, result)

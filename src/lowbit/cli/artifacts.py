@@ -6,11 +6,10 @@ import argparse
 from pathlib import Path
 
 from lowbit.cli.common import CliError, _optional, _out
-from lowbit.cli.inputs import _calibration, _check_output_dir, _model, _quantize, _quantized, _recipe
+from lowbit.cli.inputs import _calibration, _check_output_dir, _model, _quantize, _quantized, _recipe, _save
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from lowbit.export.artifact import save
     from lowbit.size import size_report
 
     recipe = _recipe(args.recipe)
@@ -18,7 +17,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     zm = _model(args.model)
     qmodel = _quantize(zm, recipe, _calibration(args, zm))
     report = size_report(qmodel)
-    manifest = save(qmodel, out)
+    manifest = _save(qmodel, out)
     quantized = [r for r in report.layers if r.kind != "float"]
     kept = next((r.parameters for r in report.layers if r.kind == "float"), 0)
     text = (
@@ -46,7 +45,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             f"artifact directory {path} does not exist; give the folder 'lowbit quantize -o' wrote", 2
         )
     try:
-        info = inspect_artifact(path)
+        info = inspect_artifact(path, allow_unsealed=args.allow_unsealed)
     except ArtifactError as err:
         raise CliError(str(err), 1) from None
     headers = [
@@ -86,12 +85,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         f"{claim if claim is not None else '?'})",
     ]
     if info.verified:
-        lines.append(
-            "verified: file size and sha256, every tensor's shape, dtype and bytes, and the "
-            "bits/param (within 1%) match the manifest"
-        )
+        lines.append("verified:")
+        lines += [f"  - {c}" for c in info.checks]
     else:
         lines += [f"PROBLEM: {p}" for p in info.problems]
+    lines.append("not checked:")
+    lines += [f"  - {c}" for c in info.not_checked]
     _out(args, "\n".join(lines), info.to_dict())
     return 0 if info.verified else 1
 

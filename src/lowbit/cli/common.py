@@ -13,6 +13,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from lowbit.errors import DataError, ModelError, RecipeError
+
+# Errors that mean the user's input is at fault: one line, exit code 2, wherever they are raised.
+BAD_INPUT = (RecipeError, DataError, ModelError)
+
 
 class CliError(Exception):
     """A failure to report as one line; ``code`` 2 = bad input, 1 = the work failed."""

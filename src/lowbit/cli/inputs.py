@@ -8,10 +8,16 @@ import copy
 from pathlib import Path
 from typing import Any
 
-from lowbit.cli.common import CliError, _progress
+from lowbit.cli.common import BAD_INPUT, CliError, _progress
 
 # What lowbit.save writes; --force may replace a directory holding only these.
-ARTIFACT_FILES = ("lowbit.json", "lowbit.json.xz", "model.safetensors", "model.safetensors.xz")
+ARTIFACT_FILES = (
+    "lowbit.json",
+    "lowbit.json.xz",
+    "lowbit.sha256",
+    "model.safetensors",
+    "model.safetensors.xz",
+)
 
 
 def _recipe(spec: str) -> Any:
@@ -21,9 +27,12 @@ def _recipe(spec: str) -> Any:
         return resolve(spec)
     except (ValueError, OSError) as err:
         msg = str(err)
-        if "unknown recipe" in msg:
-            msg = f"unknown recipe {spec!r}; choose one of: {', '.join(names())} (or a recipe YAML file)"
-        raise CliError(f"{msg}; list them with 'lowbit recipes'", 2) from None
+        if msg.startswith("unknown recipe"):
+            msg = (
+                f"unknown recipe {spec!r}; choose one of: {', '.join(names())} (or a recipe YAML file); "
+                "list them with 'lowbit recipes'"
+            )
+        raise CliError(msg, 2) from None
 
 
 def _model(spec: str) -> Any:
@@ -50,7 +59,12 @@ def _data(path: str | None, zm: Any, batch_size: int, what: str) -> Any:
 
 def _check_output_dir(path: str, force: bool) -> Path:
     """Refuse to overwrite a non-empty directory without ``--force``, and never replace a
-    directory holding anything but a lowbit artifact (saving replaces the whole directory)."""
+    directory that is not a lowbit artifact (saving replaces the whole directory).
+
+    ``--force`` only lets an existing artifact be replaced: ``lowbit.save`` is called without
+    ``force=True``, so it refuses a non-artifact directory too (checked again under its lock)."""
+    from lowbit.export.atomic import ARTIFACT_MARKERS
+
     out = Path(path).expanduser()
     if out.exists() and not out.is_dir():
         raise CliError(f"output {out} exists and is a file; give a directory path with -o", 2)
@@ -64,7 +78,24 @@ def _check_output_dir(path: str, force: bool) -> Path:
                 f"(e.g. {foreign[0]}); choose another -o directory",
                 2,
             )
+        if not any((out / m).is_file() for m in ARTIFACT_MARKERS):
+            raise CliError(
+                f"refusing to replace {out}: it is not a lowbit artifact (no {ARTIFACT_MARKERS[0]}); "
+                "choose another -o directory",
+                2,
+            )
     return out
+
+
+def _save(qmodel: Any, out: Path) -> dict[str, Any]:
+    """``lowbit.save`` with its refusals (a file at the path, a directory that became a non-artifact
+    after ``_check_output_dir``) as one-line errors."""
+    from lowbit.export.artifact import ArtifactError, save
+
+    try:
+        return save(qmodel, out)
+    except ArtifactError as err:
+        raise CliError(str(err), 2) from None
 
 
 def _calibration(args: argparse.Namespace, zm: Any) -> list[Any] | None:
@@ -95,7 +126,8 @@ def _quantized(args: argparse.Namespace, zm: Any) -> Any:
         if not Path(args.artifact).is_dir():
             raise CliError(f"artifact directory {args.artifact} does not exist", 2)
         try:
-            return load(args.artifact, model=copy.deepcopy(zm.model))
+            unsealed = getattr(args, "allow_unsealed", False)
+            return load(args.artifact, model=copy.deepcopy(zm.model), allow_unsealed=unsealed)
         except ArtifactError as err:
             raise CliError(str(err), 1) from None
     if not getattr(args, "recipe", None):
@@ -111,5 +143,7 @@ def _quantize(zm: Any, recipe: Any, calibration: list[Any] | None) -> Any:
         raise CliError(f"recipe {recipe.name!r} needs calibration data; pass --calib DATA", 2)
     try:
         return quantize(zm.model, recipe, calibration=calibration, progress=_progress())
+    except BAD_INPUT as err:  # the model, the data or the recipe is at fault, not the work
+        raise CliError(str(err), 2) from None
     except ValueError as err:
         raise CliError(f"quantization failed: {err}", 1) from None

@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(p)
     p.add_argument("--recipe", help="preset name or recipe YAML")
     p.add_argument("--artifact", metavar="DIR", help="a saved artifact of MODEL instead of --recipe")
+    p.add_argument(
+        "--allow-unsealed", action="store_true", help="also read lowbit 0.1 artifacts (no lowbit.sha256)"
+    )
     eval_args(p)
 
     p = verb(
@@ -138,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verb("inspect", cmd_inspect, "show and verify what an artifact stores", "lowbit inspect out/")
     p.add_argument("dir", metavar="DIR", help="artifact directory (lowbit.json + model.safetensors)")
+    p.add_argument(
+        "--allow-unsealed", action="store_true", help="also read lowbit 0.1 artifacts (no lowbit.sha256)"
+    )
 
     p = verb(
         "export",
@@ -148,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(p, data=False)
     p.add_argument("--recipe", help="preset name or recipe YAML")
     p.add_argument("--artifact", metavar="DIR", help="a saved artifact of MODEL instead of --recipe")
+    p.add_argument(
+        "--allow-unsealed", action="store_true", help="also read lowbit 0.1 artifacts (no lowbit.sha256)"
+    )
     p.add_argument("-o", "--output", required=True, metavar="FILE.onnx")
     p.add_argument("--force", action="store_true", help="overwrite FILE.onnx")
 

@@ -1,10 +1,13 @@
 """What an artifact stores, verified: ``lowbit inspect DIR``.
 
-Reads ``lowbit.json``, checks the tensor file against it (size, sha256, every tensor's shape and
-dtype, via ``read_tensors``), then recomputes per layer and in total the stored bytes from the
-tensors actually in the file and the parameter count from the manifest's shapes. The reported
-bits/param is ``stored bytes * 8 / parameters`` of what is really in the file, and it is compared
-with the figure the manifest claims.
+Reads the artifact as ``lowbit.load`` does (``lowbit.export.verify``: the seal over every file, the
+strict manifest schema and its consistency, the tensor file's size and sha256, every tensor's shape
+and dtype), then recomputes per layer and in total the stored bytes from the tensors actually in the
+file and the parameter count from the manifest's shapes. The reported bits/param is ``stored bytes
+* 8 / parameters`` of what is really in the file, and it is compared with the figure the manifest
+claims. ``checks`` says what was verified, ``not_checked`` what was not (authenticity, unless a
+``verify_seal`` was given; the fit to a model, which only ``lowbit.load`` with the model can check;
+files in the directory that the seal does not cover).
 
 >>> import tempfile, torch, lowbit
 >>> d = tempfile.mkdtemp() + "/a"
@@ -22,7 +25,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lowbit.export.artifact import read_manifest, read_tensors
+from lowbit.export.artifact import SEAL_FILE, read_manifest, read_tensors
+from lowbit.export.verify import SealCheck
 
 TOLERANCE = 0.01  # relative difference allowed between the manifest's bits/param and the recount
 
@@ -60,6 +64,8 @@ class ArtifactInfo:
     layers: list[LayerInfo] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     provenance: dict[str, Any] = field(default_factory=dict)
+    checks: list[str] = field(default_factory=list)  # what was verified
+    not_checked: list[str] = field(default_factory=list)  # what was not, and why
 
     @property
     def bits_per_param(self) -> float:
@@ -92,9 +98,12 @@ def _manifest_bytes(path: Path) -> int:
     return 0
 
 
-def inspect_artifact(directory: str | Path) -> ArtifactInfo:
-    """Inspect and verify the artifact in ``directory``; raises ``ArtifactError`` if it is unreadable."""
-    manifest = read_manifest(directory)
+def inspect_artifact(
+    directory: str | Path, *, allow_unsealed: bool = False, verify_seal: SealCheck | None = None
+) -> ArtifactInfo:
+    """Inspect and verify the artifact in ``directory``; raises ``ArtifactError`` if it is unreadable,
+    corrupt or edited (see ``lowbit.export.verify``); ``problems`` lists figures that do not add up."""
+    manifest = read_manifest(directory, allow_unsealed=allow_unsealed, verify_seal=verify_seal)
     tensors = read_tensors(directory, manifest)  # checks size, sha256, shapes and dtypes
     entries = manifest["tensors"]
     actual = {k: t.numel() * t.element_size() for k, t in tensors.items() if k in entries}
@@ -162,6 +171,43 @@ def inspect_artifact(directory: str | Path) -> ArtifactInfo:
         layers=layers,
         problems=problems,
         provenance={
-            k: manifest.get(k) for k in ("lowbit_version", "torch_version", "created", "model_class")
+            k: manifest.get(k)
+            for k in ("lowbit_version", "torch_version", "created", "model_class")
+            if manifest.get(k) is not None
         },
+        checks=_checks(path, manifest),
+        not_checked=_not_checked(path, manifest, verify_seal is not None),
     )
+
+
+def _checks(path: Path, manifest: dict[str, Any]) -> list[str]:
+    file_name = manifest["file"]["name"]
+    out = []
+    if (path / SEAL_FILE).is_file():
+        out.append(f"{SEAL_FILE} covers exactly the manifest and {file_name}, and both match it")
+    out += [
+        "the manifest against its strict schema (formats, shapes, types, no unknown keys) and itself "
+        "(sizes, roles, quantized buffers, aliases)",
+        f"{file_name}: size and sha256, and every tensor's shape, dtype and bytes",
+        "the bits/param and parameter count, recounted from the file",
+    ]
+    return out
+
+
+def _not_checked(path: Path, manifest: dict[str, Any], signature_checked: bool) -> list[str]:
+    out = []
+    if not (path / SEAL_FILE).is_file():
+        out.append(
+            f"version {manifest['lowbit_artifact']} artifact without {SEAL_FILE}: nothing covers the manifest"
+        )
+    elif not signature_checked:
+        out.append(
+            f"authenticity: anyone can write a matching {SEAL_FILE}; sign it and check the signature "
+            "(verify_seal, docs/artifact.md) to know who made the artifact"
+        )
+    out.append("the fit to a model: lowbit.load checks every layer against the model you pass")
+    covered = {manifest["file"]["name"], "lowbit.json", "lowbit.json.xz", SEAL_FILE}
+    extra = sorted(p.name for p in path.iterdir() if p.name not in covered)
+    if extra:
+        out.append(f"files the seal does not cover (never read by lowbit): {', '.join(extra)}")
+    return out

@@ -1,4 +1,4 @@
-"""The coded artifact (format version 2), written by ``save(..., compression="lzma")``.
+"""The coded artifact (format version 4; 2 before sealing), written by ``save(..., compression="lzma")``.
 
 A coded artifact trades the plain artifact's memory-mappable tensor file and readable manifest for
 size on disk, for models whose codes have little entropy (pruned or clustered weights):
@@ -32,12 +32,17 @@ from torch import nn
 
 from lowbit import granularity as gran
 from lowbit import packing
+from lowbit.errors import ArtifactError
 from lowbit.nn.base import QuantizedModule
 from lowbit.nn.layers import QUANTIZED_CLASSES
 
 # --- shared with artifact.py -----------------------------------------------------------------------
 
-CODED_VERSION = 2  # a coded artifact's "lowbit_artifact": compact manifest + coded tensor streams
+# A coded artifact's "lowbit_artifact": compact manifest + coded tensor streams. Version 4 is version
+# 2 sealed (a ``lowbit.sha256`` covers both files) and without the ``created`` timestamp; the coding
+# and the frozen defaults below are the same for both.
+CODED_VERSION = 4
+LEGACY_CODED_VERSION = 2
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "lowbit.json"
 # Optional entropy coding (Deep Compression's last stage). LZMA is in the standard library, so every
@@ -45,8 +50,6 @@ MANIFEST_FILE = "lowbit.json"
 COMPRESSIONS = {"none": WEIGHTS_FILE, "lzma": WEIGHTS_FILE + ".xz"}
 
 
-class ArtifactError(ValueError):
-    """An artifact is missing, corrupt, tampered with, or does not fit the given model."""
 
 
 # Here rather than in artifact.py because expanding a compact manifest derives every tensor's role

@@ -59,6 +59,12 @@ class QuantizedModule(nn.Module):
         """Every packed weight of this layer by its attribute path (``qweight``, ``weights.weight_ih_l0``)."""
         return {name: m for name, m in self.named_modules() if isinstance(m, QuantizedWeight)}
 
+    @classmethod
+    def float_weight_shapes(cls, module: nn.Module) -> dict[str, tuple[int, ...]]:
+        """Name -> shape of every weight this class quantizes in float ``module`` (as ``manifest()``
+        names and shapes them); artifacts are checked against it before anything is allocated."""
+        raise NotImplementedError
+
     def float_config(self) -> dict[str, Any]:
         """Constructor settings of the float layer (JSON-ready), to rebuild this layer on load."""
         raise NotImplementedError

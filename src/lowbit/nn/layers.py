@@ -13,6 +13,7 @@ True
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -87,6 +88,10 @@ class QuantizedLinear(QuantizedModule):
         weight = linear_weight(module)
         qw = QuantizedWeight.empty(entry["weights"]["qweight"], weight.device)
         return cls(weight.shape[1], weight.shape[0], qw, _loaded_bias(module.bias, entry, weight.shape[0]))
+
+    @classmethod
+    def float_weight_shapes(cls, module: nn.Module) -> dict[str, tuple[int, ...]]:
+        return {"qweight": tuple(linear_weight(module).shape)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.quantize_input(x)
@@ -168,6 +173,11 @@ class QuantizedConv(QuantizedModule):
         config["bias"] = bias is not None
         return cls(config, qw, bias)
 
+    @classmethod
+    def float_weight_shapes(cls, module: nn.Module) -> dict[str, tuple[int, ...]]:
+        w = module.weight
+        return {"qweight": (w.shape[0], math.prod(w.shape[1:]))}
+
     @property
     def kernel_shape(self) -> tuple[int, ...]:
         c = self.config
@@ -226,6 +236,10 @@ class QuantizedEmbedding(QuantizedModule):
         cls._check(module)
         qw = QuantizedWeight.empty(entry["weights"]["qweight"], module.weight.device)
         return cls(module.num_embeddings, module.embedding_dim, module.padding_idx, qw)
+
+    @classmethod
+    def float_weight_shapes(cls, module: nn.Module) -> dict[str, tuple[int, ...]]:
+        return {"qweight": tuple(module.weight.shape)}
 
     def set_activation(self, spec: Any, name: str = "") -> None:
         self.input_quant = None  # integer indices are never quantized
@@ -312,6 +326,12 @@ class QuantizedRNN(QuantizedModule):
         }
         biases = {n: p for n, p in module.named_parameters() if not n.startswith("weight")}
         return cls(cls._config(module), weights, biases)
+
+    @classmethod
+    def float_weight_shapes(cls, module: nn.Module) -> dict[str, tuple[int, ...]]:
+        return {
+            f"weights.{n}": tuple(p.shape) for n, p in module.named_parameters() if n.startswith("weight")
+        }
 
     def forward(self, x: Any, hx: Any = None) -> Any:
         if isinstance(x, torch.Tensor):

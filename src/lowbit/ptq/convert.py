@@ -28,10 +28,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lowbit.errors import DataError
 from lowbit.nn.activation import ActivationQuantizer
 from lowbit.nn.base import QuantizedModule
 from lowbit.nn.layers import QUANTIZED_CLASSES
 from lowbit.nn.qweight import QuantizedWeight
+from lowbit.ptq.checks import check_calibration, check_model
 from lowbit.ptq.plan import plan_model
 from lowbit.recipes import resolve
 from lowbit.recipes.spec import Recipe
@@ -57,14 +59,18 @@ def prepare(
 
     ``weights`` supplies packed weights chosen elsewhere (GPTQ, QAT) by layer name; ``input_smooth``
     per-input-channel divisors (SmoothQuant, AWQ) whose inverse the caller already folded into the
-    float weights. Warnings list layers kept float and patterns that matched nothing.
+    float weights. Warnings list layers kept float, patterns that matched nothing and weights that
+    saturate their float format (when the recipe allows it). A model on the meta device, NaN / Inf
+    in a planned layer, or saturation the recipe does not allow raise ``ModelError`` (see
+    ``lowbit.ptq.checks``).
     """
     recipe = resolve(recipe)
     if not inplace:
         model = copy.deepcopy(model)
     plan = plan_model(model, recipe)
+    saturated = check_model(model, plan, recipe.allow_saturation)
     if warn:
-        for message in plan.warnings():
+        for message in plan.warnings() + saturated:
             warnings.warn(f"lowbit: {message}", stacklevel=2)
     if not plan.layers:
         warnings.warn(
@@ -136,20 +142,22 @@ def calibrate(
     ``DataLoader`` yields them; they are moved to the model's device. With ``diagnose`` (default)
     a warning says when the data looks too small or unrepresentative: too few samples, or ranges
     still moving between the first half of the batches and all of them (see
-    ``lowbit.analysis.diagnostics``), with a suggested sample count.
+    ``lowbit.analysis.diagnostics``), with a suggested sample count. Missing, empty or constant
+    data (no input varies: all-zero, one repeated token) raises ``DataError``.
     """
     if not observing_quantizers(model):
         return
     if batches is None:
-        raise ValueError(
+        raise DataError(
             "this recipe calibrates activations (static mode) and needs calibration data: pass "
             "calibration=[batch, ...] with a few representative input batches"
         )
     batches = list(batches)
     if not batches:
-        raise ValueError(
+        raise DataError(
             "the calibration data is empty: pass at least one input batch (a few dozen samples is typical)"
         )
+    check_calibration(batches)
     from lowbit.analysis.diagnostics import count_samples, snapshot_ranges
     from lowbit.analysis.diagnostics import diagnose as diagnose_ranges
 

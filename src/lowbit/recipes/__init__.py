@@ -12,10 +12,22 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from lowbit.errors import RecipeError
+from lowbit.recipes import schema
 from lowbit.recipes.presets import PRESETS
 from lowbit.recipes.spec import ActivationSpec, LayerRule, Recipe, WeightSpec
 
-__all__ = ["ActivationSpec", "LayerRule", "Recipe", "WeightSpec", "get", "names", "describe", "resolve"]
+__all__ = [
+    "ActivationSpec",
+    "LayerRule",
+    "Recipe",
+    "RecipeError",
+    "WeightSpec",
+    "describe",
+    "get",
+    "names",
+    "resolve",
+]
 
 
 def names() -> list[str]:
@@ -31,12 +43,13 @@ def describe() -> dict[str, str]:
 def get(name: str) -> Recipe:
     """A preset by name."""
     if name not in PRESETS:
-        raise ValueError(f"unknown recipe {name!r}; presets: {', '.join(PRESETS)} (or a path to a YAML file)")
+        presets = ", ".join(PRESETS)
+        raise RecipeError(f"unknown recipe {name!r}; presets: {presets} (or a path to a YAML file)")
     return PRESETS[name]
 
 
 def resolve(recipe: str | Path | Recipe | dict[str, Any]) -> Recipe:
-    """Accept a preset name, a YAML path, a dict or a ``Recipe``.
+    """Accept a preset name, a YAML path, a dict or a ``Recipe``; any problem is a ``RecipeError``.
 
     >>> resolve({"weight": {"format": "int4", "granularity": "group:32"}}).weight.format
     'int4'
@@ -50,7 +63,5 @@ def resolve(recipe: str | Path | Recipe | dict[str, Any]) -> Recipe:
         return PRESETS[text]
     path = Path(text)
     if path.suffix in (".yaml", ".yml", ".json") or path.exists():
-        if not path.is_file():
-            raise ValueError(f"recipe file {text!r} does not exist")
-        return Recipe.from_yaml(path.read_text())
+        return schema.from_file(Recipe, path)
     return get(text)

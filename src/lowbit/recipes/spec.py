@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ import yaml
 
 from lowbit import formats
 from lowbit import granularity as gran
+from lowbit.recipes import schema
 
 RECIPE_VERSION = 1
 MODULE_KINDS = ("linear", "conv", "embedding", "rnn")
@@ -25,6 +26,7 @@ WEIGHT_ALGORITHMS = ("rtn", "mse", "gptq", "awq")
 
 
 @dataclass(frozen=True)
+@schema.validated
 class WeightSpec:
     """How weights are stored.
 
@@ -49,6 +51,7 @@ class WeightSpec:
 
 
 @dataclass(frozen=True)
+@schema.validated
 class ActivationSpec:
     """How module inputs are quantized at run time.
 
@@ -86,6 +89,7 @@ class ActivationSpec:
 
 
 @dataclass(frozen=True)
+@schema.validated
 class LayerRule:
     """A per-layer override: modules whose qualified name matches ``pattern`` (fnmatch) get
     ``weight`` / ``activation`` instead of the recipe's defaults, or stay float with ``skip``."""
@@ -100,6 +104,7 @@ class LayerRule:
 
 
 @dataclass(frozen=True)
+@schema.validated
 class Recipe:
     """A complete quantization plan for a model.
 
@@ -116,6 +121,13 @@ class Recipe:
             per-token layers that measure better without it).
         bias_correction: remove the expected output shift that weight quantization causes
             (static recipes, measured on the calibration data).
+        allow_saturation: float weight formats (``fp16``, ``bf16``) clip values beyond their range
+            (``fp16`` stores 1e6 as 65504); ``False`` refuses such a model with a ``ModelError``
+            naming each layer and its count of saturated values, ``True`` quantizes it with a
+            warning that gives the counts.
+
+    Every field is type-checked (strictly: ``symmetric: 'no'`` is not ``False``, a string is not a
+    list); any problem raises ``lowbit.errors.RecipeError`` (a ``ValueError``) naming the key.
     """
 
     name: str = "custom"
@@ -129,6 +141,7 @@ class Recipe:
     smoothquant_alpha: float | None = None
     smoothquant_exclude: tuple[str, ...] = ()
     bias_correction: bool = False
+    allow_saturation: bool = False
     version: int = RECIPE_VERSION
 
     def __post_init__(self) -> None:
@@ -173,54 +186,19 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Recipe:
-        """Build from a dict; unknown keys are an error that names the key."""
-        if not isinstance(data, dict):
-            raise ValueError(f"a recipe must be a mapping, got {type(data).__name__}")
-        d = _known(cls, data, "recipe")
-        if d.get("weight") is not None:
-            d["weight"] = WeightSpec(**_known(WeightSpec, d["weight"], "recipe.weight"))
-        if "activation" in d:
-            d["activation"] = ActivationSpec(
-                **_known(ActivationSpec, d["activation"] or {}, "recipe.activation")
-            )
-        for key in ("modules", "include", "exclude", "smoothquant_exclude"):
-            if key in d:
-                d[key] = tuple(d[key])
-        rules = []
-        for i, raw in enumerate(d.get("overrides", ())):
-            r = _known(LayerRule, raw, f"recipe.overrides[{i}]")
-            if r.get("weight") is not None:
-                r["weight"] = WeightSpec(**_known(WeightSpec, r["weight"], f"recipe.overrides[{i}].weight"))
-            if r.get("activation") is not None:
-                act = _known(ActivationSpec, r["activation"], f"recipe.overrides[{i}].activation")
-                r["activation"] = ActivationSpec(**act)
-            rules.append(LayerRule(**r))
-        d["overrides"] = tuple(rules)
-        return cls(**d)
+        """Build from a dict; unknown keys and wrong types raise ``RecipeError`` naming the key path."""
+        return schema.from_dict(cls, data)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     @classmethod
     def from_yaml(cls, text: str) -> Recipe:
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            raise ValueError(f"recipe YAML does not parse: {err}") from None
-        return cls.from_dict(data)
+        """Build from YAML text (safe: no Python tags; a key given twice is an error)."""
+        return cls.from_dict(schema.parse_yaml(text))
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_yaml())
-
-
-def _known(cls: type, data: Any, where: str) -> dict[str, Any]:
-    if not isinstance(data, dict):
-        raise ValueError(f"{where} must be a mapping, got {data!r}")
-    allowed = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - allowed)
-    if unknown:
-        raise ValueError(f"unknown key {unknown[0]!r} in {where}; allowed keys: {', '.join(sorted(allowed))}")
-    return dict(data)
 
 
 def _check_choice(what: str, value: str, choices: tuple[str, ...]) -> None:

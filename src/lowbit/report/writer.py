@@ -1,7 +1,7 @@
 """Write ``lowbit-report/`` (report.json, report.md, report.html) atomically.
 
 All three files are rendered in memory first, then the directory is replaced as a whole (see
-``lowbit.export.artifact``): a crash or Ctrl-C never leaves a half-written report behind.
+``lowbit.export.atomic``): a crash or Ctrl-C never leaves a half-written report behind.
 
 >>> import tempfile, torch, lowbit
 >>> from lowbit.eval.evaluate import evaluate
@@ -26,7 +26,7 @@ import torch
 
 import lowbit
 from lowbit.eval.evaluate import EvalRecord
-from lowbit.export.artifact import _write_atomically
+from lowbit.export.atomic import write_directory
 from lowbit.report.html_page import html_report
 from lowbit.report.markdown_doc import markdown_report
 from lowbit.report.table import rows_of
@@ -69,5 +69,6 @@ def write_report(
         "report.html": html_report(full_meta, rows).encode(),
     }
     directory = Path(directory)
-    _write_atomically(directory, files)
+    # markers=(): a report directory is replaced whatever it holds, as it always was.
+    write_directory(directory, files, markers=())
     return directory
