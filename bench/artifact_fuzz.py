@@ -25,6 +25,9 @@ Usage::
     python bench/artifact_fuzz.py --mutations 100000 --json fuzz.json
     python bench/artifact_fuzz.py --mutations 5000 --seed 1 --markdown fuzz.md --keep repro/
     python bench/artifact_fuzz.py --case 1234 --keep repro/case-1234    # replay one case
+    python bench/artifact_fuzz.py --render fuzz.json                       # its report again
+
+A replay (``--case``) needs the same ``--seed``, ``--sources`` and ``--kinds`` as the run it came from.
 """
 
 from __future__ import annotations
@@ -109,16 +112,23 @@ def _others(row: Counter[str], prefix: str) -> str:
     return ", ".join(parts) or "0"
 
 
-def table(tally: Tally) -> str:
+def table(tally: Tally, by_source: bool = True) -> str:
+    """One row per mutation kind and source artifact (``by_source=False``: per kind, all sources)."""
+    rows_by: dict[tuple[str, str], Counter[str]] = defaultdict(Counter)
+    rss: dict[tuple[str, str], int] = defaultdict(int)
+    for (kind, source), row in tally.rows.items():
+        key = (kind, source if by_source else "all")
+        rows_by[key].update(row)
+        rss[key] = max(rss[key], tally.rss[(kind, source)])
     headers = ["kind", "source", "cases", "ArtifactError", "identical", "silent (raw)",
                "different (resealed)", "other: load", "other: inspect", "fooled", "max RSS MB"]  # fmt: skip
     rows = []
-    for (kind, source), row in sorted(tally.rows.items(), key=lambda kv: (list(am.MUTATIONS).index(kv[0][0]),
-                                                                          kv[0][1])):  # fmt: skip
+    order = list(am.MUTATIONS)
+    for (kind, source), row in sorted(rows_by.items(), key=lambda kv: (order.index(kv[0][0]), kv[0][1])):
         rows.append([kind, source, str(row["cases"]), str(row["ArtifactError"]), str(row["identical"]),
                      str(row["silent"]), str(row["different"]), _others(row, "load:"),
-                     _others(row, "inspect:"),
-                     str(row["fooled"]), f"{tally.rss[(kind, source)] / 1024:.0f}"])  # fmt: skip
+                     _others(row, "inspect:"), str(row["fooled"]),
+                     f"{rss[(kind, source)] / 1024:.0f}"])  # fmt: skip
     return markdown_table(headers, rows)
 
 
@@ -152,11 +162,26 @@ def examples(tally: Tally, categories: tuple[str, ...]) -> str:
     return "\n".join(lines) or "(none)"
 
 
+def from_json(data: dict[str, Any]) -> Tally:
+    """The tally a ``--json`` file holds (to render its report again)."""
+    tally = Tally()
+    for row in data["rows"]:
+        key = (row["kind"], row["source"])
+        tally.rows[key].update({k: v for k, v in row.items() if isinstance(v, int) and k != "max_rss_mb"})
+        tally.rss[key] = int(row["max_rss_mb"] * 1024)
+    for key, items in data["examples"].items():
+        kind, source, cat = key.split("/", 2)
+        tally.examples[(kind, source, cat)] = items
+    tally.slowest = data.get("slowest_s", float("nan"))
+    return tally
+
+
 def report(tally: Tally, args: argparse.Namespace, seconds: float) -> str:
     head = (f"{tally.totals()['cases']} mutations, seed {args.seed}, {seconds:.0f} s, lowbit "
             f"{__import__('lowbit').__version__}, torch {torch.__version__}")  # fmt: skip
     return "\n\n".join([
-        f"## Artifact fuzz: {head}", summary(tally), "### Per mutation kind and source", table(tally),
+        f"## Artifact fuzz: {head}", summary(tally), "### Per mutation kind", table(tally, by_source=False),
+        "### Per mutation kind and source", table(tally),
         "### First case of each failing category", examples(tally, ("silent", "other", "fooled")),
         "### Resealed cases that load with different outputs", examples(tally, ("different",)),
     ])  # fmt: skip
@@ -174,8 +199,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, help="write the counts and the reproducers as JSON")
     p.add_argument("--markdown", type=Path, help="write the report as Markdown (it is printed anyway)")
     p.add_argument("--keep", type=Path, help="copy the artifact of each failing category's first case here")
+    p.add_argument("--render", type=Path, help="print the report of an earlier --json file; run nothing")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    if args.render:
+        data = json.loads(args.render.read_text())
+        args.seed = data["seed"]
+        print(report(from_json(data), args, data.get("seconds", float("nan"))))
+        return 0
 
     torch.set_num_threads(1)  # tiny models; the machine is shared
     sources = {k: v for k, v in am.sources().items() if k in args.sources}
@@ -205,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps({
             "mutations": tally.totals()["cases"], "seed": args.seed, "totals": tally.totals(),
+            "seconds": round(time.perf_counter() - start, 1), "slowest_s": round(tally.slowest, 3),
             "rows": [{"kind": k, "source": s, **row, "max_rss_mb": tally.rss[(k, s)] / 1024}
                      for (k, s), row in sorted(tally.rows.items())],
             "examples": {"/".join(k): v for k, v in sorted(tally.examples.items())},

@@ -399,9 +399,8 @@ class Work:
         if SUMS in self.source.fingerprints and SUMS not in self.targets and _is_regular(sums):
             old = _parse_sums(sums.read_bytes())
             lines = []
-            for name in self.names():
-                digest = _digest_if_regular(self.path / name) if name != SUMS else None
-                digest = digest or old.get(name)
+            for name in (n for n in self.names() if n != SUMS):
+                digest = _digest_if_regular(self.path / name) or old.get(name)
                 if digest:
                     lines.append(f"{digest}  {name}\n")
             sums.write_text("".join(lines))

@@ -116,6 +116,79 @@ def test_mutated_artifacts_are_refused_or_load_bit_identically(tmp_path: Path) -
     )
 
 
+# --- the harness itself: it must be able to fail --------------------------------------------------
+
+
+def _case(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, loader: Any) -> am.Outcome:
+    source = am.sources()["int4"]  # built (and checked) with the real loader first
+    monkeypatch.setattr(am, "load_artifact", loader)
+    draw = am.RandomDraw(__import__("random").Random(0))
+    return am.run_case(source, "alias", "raw", draw, tmp_path)
+
+
+def test_oracle_flags_a_loader_that_accepts_anything(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    outcome = _case(monkeypatch, tmp_path, lambda path, skeleton: skeleton)  # float weights, never checked
+    assert (outcome.load, outcome.verdict) == ("different", "silent")
+
+
+def test_oracle_flags_exceptions_other_than_artifact_error(monkeypatch, tmp_path) -> None:  # noqa: ANN001
+    def leaky(path: Path, skeleton: Any) -> Any:
+        raise KeyError("qweight")
+
+    def clean(path: Path, skeleton: Any) -> Any:
+        raise am.artifact_error()(f"{path}: refused")
+
+    assert _case(monkeypatch, tmp_path, leaky).verdict == "other"
+    assert _case(monkeypatch, tmp_path, clean).load == "ArtifactError"
+
+
+def test_reseal_makes_every_digest_match(tmp_path: Path) -> None:
+    """A resealed edit passes ``sha256sum -c`` (the seal is added where the saver wrote none)."""
+    import dataclasses
+    import hashlib
+    import random
+    import shutil
+
+    for name in ("int4", "sparse"):
+        source = am.sources()[name]
+        path = tmp_path / name
+        shutil.copytree(source.path, path)
+        files = sorted(f for f in os.listdir(path) if f != am.SUMS)
+        sums = "".join(f"{hashlib.sha256((path / f).read_bytes()).hexdigest()}  {f}\n" for f in files)
+        assert not (path / am.SUMS).exists() or (path / am.SUMS).read_text() == sums  # the saver's seal
+        (path / am.SUMS).write_text(sums)
+        sealed = dataclasses.replace(source, path=path)
+        sealed.fingerprints = {f: am._fingerprint(path / f) for f in sorted(os.listdir(path))}
+        work_dir = tmp_path / f"{name}-work"
+        shutil.copytree(path, work_dir)
+        work = am.Work(sealed, work_dir)
+        am.m_st_dtype(work, am.RandomDraw(random.Random(0)))  # rewrites the tensor file
+        am.m_format(work, am.RandomDraw(random.Random(0)))  # and the manifest
+        work.reseal()
+        check = subprocess.run(["sha256sum", "-c", am.SUMS], cwd=work_dir, capture_output=True, text=True)
+        assert check.returncode == 0, check.stdout + check.stderr
+        entry = am.file_entries(work.manifest())[0]
+        data = (work_dir / source.tensor_name).read_bytes()
+        assert (entry["bytes"], entry["sha256"]) == (len(data), hashlib.sha256(data).hexdigest())
+        assert work.changed()
+
+
+def test_bombs_are_small_on_disk_and_large_decoded(tmp_path: Path) -> None:
+    import random
+    import shutil
+
+    source = am.sources()["deep"]
+    assert am._unxz((source.path / source.tensor_name).read_bytes()) is not None
+    for seed in range(6):
+        path = tmp_path / str(seed)
+        shutil.copytree(source.path, path)
+        what = am.m_xz_bomb(am.Work(source, path), am.RandomDraw(random.Random(seed)))
+        name = what.split(":")[0]
+        data = (path / name).read_bytes()
+        assert len(data) < 1 << 20, what
+        assert am._unxz(data, cap=64 << 20) is None, what  # decodes past 64 MiB
+
+
 if __name__ == "__main__":  # the child: python tests/test_artifact_fuzz.py REPORT.json CASES
     with tempfile.TemporaryDirectory(prefix="lowbit-fuzz-") as scratch:
         result = fuzz(int(sys.argv[2]), Path(scratch))
