@@ -203,3 +203,37 @@ def test_two_processes_save_identical_bytes(tmp_path, compression) -> None:  # n
     assert names == sorted(p.name for p in (tmp_path / "a1").iterdir()) and len(names) == 3
     for name in names:
         assert (tmp_path / "a0" / name).read_bytes() == (tmp_path / "a1" / name).read_bytes(), name
+
+
+def test_an_unknown_observer_is_an_artifact_error(tmp_path) -> None:  # noqa: ANN001
+    calib = [torch.randn(8, 16) for _ in range(4)]
+    q = lowbit.quantize(mlp(), "int8-static", calibration=calib, progress=False)
+    out = tmp_path / "s"
+    lowbit.save(q, out)
+    edit_manifest(out, lambda m: m["layers"]["0"]["activation"].update(observer="bogus"))
+    reseal(out)
+    with pytest.raises(ArtifactError, match="unknown observer 'bogus'"):
+        lowbit.load(out, model=mlp())
+
+
+def test_a_recoded_float_row_at_an_odd_stream_offset_is_no_crash(tmp_path) -> None:  # noqa: ANN001
+    """Found by the fuzzer: ``planes`` rewritten as ``raw`` left a float tensor at an offset its width
+    does not divide; decoding must copy, not view. A resealed edit may load (as a different model)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(15, 3))
+    with torch.no_grad():
+        model[0].weight[:, 2:] = 0  # mostly zero codes: run-length coded, 5 runs: odd stream sizes
+        model[0].weight[0, 1] = 0
+    q = lowbit.quantize(model, "int8-weight-only", progress=False)
+    out = tmp_path / "c"
+    lowbit.save(q, out, compression="lzma")
+    path = out / (MANIFEST_FILE + ".xz")
+    compact = json.loads(lzma.decompress(path.read_bytes()))
+    compact["tensors"]["0.bias"][2:] = ["raw"]
+    path.write_bytes(lzma.compress(json.dumps(compact).encode()))
+    reseal(out)
+    torch.manual_seed(0)
+    try:
+        lowbit.load(out, model=nn.Sequential(nn.Linear(15, 3)))
+    except ArtifactError:
+        pass

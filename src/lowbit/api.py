@@ -9,25 +9,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import copy
+import sys
+from collections.abc import Iterable
 from typing import Any
 
 from torch import nn
 
-from lowbit.errors import DataError, RecipeError
+from lowbit.errors import DataError
 from lowbit.export.artifact import load, save
 from lowbit.ptq.checks import check_calibration, check_model
 from lowbit.ptq.convert import calibrate, convert, prepare
-from lowbit.ptq.data_aware import awq_weights, correct_biases, gptq_weights, smoothquant_weights
+from lowbit.ptq.modifiers import DATA_AWARE, check_sequence
+from lowbit.ptq.pipeline import calibrate_weights
 from lowbit.ptq.plan import plan_model
 from lowbit.recipes import resolve
 from lowbit.recipes.spec import Recipe
 from lowbit.size import size_report
-
-# Weight algorithms that need calibration data before the weights can be chosen (GPTQ, AWQ, ...).
-# Each takes (float model, recipe, calibration batches, progress) and returns the keyword arguments
-# for ``prepare`` (``weights=`` packed weights by layer, ``input_smooth=`` divisors by layer).
-DATA_AWARE_ALGORITHMS: dict[str, Callable[..., dict[str, Any]]] = {"gptq": gptq_weights, "awq": awq_weights}
 
 
 def quantize(
@@ -37,12 +35,16 @@ def quantize(
     *,
     inplace: bool = False,
     progress: bool = True,
+    cache_bytes: int | None = None,
 ) -> nn.Module:
     """Quantize ``model`` as ``recipe`` (a preset name, a YAML path, a dict or a ``Recipe``) says.
 
     ``calibration`` is any iterable of input batches (tensors, tuples, or dicts of tensors, as a
     DataLoader yields them); recipes with static activations or data-aware weight algorithms need
-    it. The float model is left untouched unless ``inplace=True``. Returns the quantized model.
+    it. Data-aware algorithms run in the sequential calibration pipeline
+    (``lowbit.ptq.pipeline``; ``cache_bytes`` caps the activations it keeps in memory), whose
+    per-stage report is ``result.lowbit_calibration``. The float model is left untouched unless
+    ``inplace=True``. Returns the quantized model.
 
     Bad input is refused before any work, each with one error type naming what is wrong
     (``lowbit.errors``): ``RecipeError`` (the recipe), ``DataError`` (calibration data missing, or
@@ -52,41 +54,59 @@ def quantize(
     recipe = resolve(recipe)
     if calibration is not None and not isinstance(calibration, (list, tuple)):
         calibration = list(calibration)  # it may be read twice (weight algorithm, then activations)
-    steps = _data_aware(recipe) + (["smoothquant"] if recipe.smoothquant_alpha is not None else [])
-    steps += ["bias_correction"] if recipe.bias_correction else []
-    if steps and not calibration:
-        raise DataError(f"{', '.join(steps)} needs calibration data: pass calibration=[batch, ...]")
-    if len(steps) - recipe.bias_correction > 1:
-        raise RecipeError(f"choose one of {', '.join(steps)}: they cannot be combined in one recipe yet")
-    uses_data = bool(steps) or recipe.needs_calibration
+    steps = data_aware_steps(recipe)
+    edges = recipe.embeddings_and_head != "recipe"
+    if (steps or edges) and not calibration:
+        needs = ", ".join(steps) if steps else f"embeddings_and_head={recipe.embeddings_and_head!r}"
+        raise DataError(f"{needs} needs calibration data: pass calibration=[batch, ...]")
+    uses_data = bool(steps) or edges or recipe.needs_calibration
     # Calibration runs the whole forward pass, so then every parameter must be finite; prepare()
     # repeats the per-layer checks and gives the saturation warnings.
     check_model(model, plan_model(model, recipe), recipe.allow_saturation, whole_model=uses_data)
     if uses_data and calibration:
         check_calibration(calibration)
-    extra: dict[str, Any] = {}
-    for algorithm in _data_aware(recipe):
-        extra = DATA_AWARE_ALGORITHMS[algorithm](model, recipe, calibration, progress)
-    if recipe.smoothquant_alpha is not None:
-        extra = smoothquant_weights(model, recipe, calibration, progress)  # type: ignore[arg-type]
-    qmodel = prepare(model, recipe, inplace=inplace and not recipe.bias_correction, **extra)
+    work, extra, result = model, {}, None
+    if steps or edges:
+        work = model if inplace else copy.deepcopy(model)
+        result = calibrate_weights(work, recipe, calibration, progress=progress, cache_bytes=cache_bytes)  # type: ignore[arg-type]
+        recipe = result.recipe
+        extra = {"weights": result.weights, "input_smooth": result.input_smooth}
+        if progress:
+            for note in result.notes:
+                print(f"lowbit: {note}", file=sys.stderr)
+    qmodel = prepare(work, recipe, inplace=inplace or work is not model, **extra)
     calibrate(qmodel, calibration, progress=progress)
     convert(qmodel)
-    if recipe.bias_correction:
-        correct_biases(model, qmodel, calibration, progress)  # type: ignore[arg-type]
+    if result is not None:
+        # The report stays with the model; the weights themselves now live in its layers.
+        result.weights, result.input_smooth = {}, {}
+        qmodel.lowbit_calibration = result
     return qmodel
 
 
-def _data_aware(recipe: Recipe) -> list[str]:
+def data_aware_steps(recipe: Recipe) -> list[str]:
+    """The data-aware steps a recipe uses anywhere (sorted), after checking every sequence.
+
+    >>> data_aware_steps(resolve("int4-awq-gptq"))
+    ['awq', 'gptq']
+    """
     specs = [recipe.weight] + [rule.weight for rule in recipe.overrides]
-    used = {s.algorithm for s in specs if s is not None}
-    return sorted(used & set(DATA_AWARE_ALGORITHMS))
+    used: set[str] = set()
+    for spec in specs:
+        if spec is not None:
+            check_sequence(spec.steps)
+            used.update(spec.steps)
+    if recipe.smoothquant_alpha is not None:
+        used.add("smoothquant")
+    if recipe.bias_correction:
+        used.add("bias_correction")
+    return sorted(used & set(DATA_AWARE))
 
 
 __all__ = [
-    "DATA_AWARE_ALGORITHMS",
     "calibrate",
     "convert",
+    "data_aware_steps",
     "load",
     "prepare",
     "quantize",

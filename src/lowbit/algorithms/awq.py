@@ -64,6 +64,21 @@ def gram(x: torch.Tensor) -> torch.Tensor:
     return rows.T @ rows / rows.shape[0]
 
 
+def _gram_of(x: torch.Tensor | None, gram_matrix: torch.Tensor | None, cols: int) -> torch.Tensor:
+    """The Gram matrix given, or the one of the sample ``x``; either must match ``cols``."""
+    if gram_matrix is not None:
+        if tuple(gram_matrix.shape) != (cols, cols):
+            raise ValueError(f"Gram matrix {tuple(gram_matrix.shape)} does not match in_features={cols}")
+        check_finite(gram_matrix, "AWQ Gram matrix")
+        return gram_matrix.double()
+    if x is None:
+        raise ValueError("AWQ needs calibration inputs x or their Gram matrix")
+    if x.shape[-1] != cols:
+        raise ValueError(f"inputs have {x.shape[-1]} channels, the weight has in_features={cols}")
+    check_finite(x, "AWQ calibration inputs")
+    return gram(x)
+
+
 def output_mse(weight: torch.Tensor, qweight: torch.Tensor, gram_matrix: torch.Tensor) -> float:
     """Mean over calibration rows of ``||x W^T - x Q^T||^2``, from the Gram matrix ``X^T X / n``.
 
@@ -99,12 +114,13 @@ def _quantized(w: torch.Tensor, fmt: Format, granularity: Granularity, symmetric
 
 def awq_search_scales(
     weight: torch.Tensor | Sequence[torch.Tensor],
-    x: torch.Tensor,
+    x: torch.Tensor | None,
     fmt: Format,
     granularity: Granularity,
     symmetric: bool = True,
     act_mean: torch.Tensor | None = None,
     n_grid: int = 20,
+    gram_matrix: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-input-channel scales ``s`` (float32 ``[in]``) that minimise the quantized output error.
 
@@ -115,6 +131,8 @@ def awq_search_scales(
         fmt, granularity, symmetric: how the scaled weight will be quantized (round-to-nearest).
         act_mean: per-channel mean ``|x|`` over all calibration data; defaults to the sample's.
         n_grid: ``alpha`` is searched over ``0, 1/n_grid, ..., 1``.
+        gram_matrix: ``X^T X / n`` over all calibration rows (``gram``), accumulated by the
+            caller; with it (and ``act_mean``) ``x`` may be ``None``.
 
     Apply as ``w * s`` (columns) for the weight and ``x / s`` for the input. ``alpha = 0`` gives
     ``s = 1`` (plain RTN), which is returned when nothing beats it.
@@ -127,13 +145,12 @@ def awq_search_scales(
     """
     weights = _as_list(weight)
     cols = weights[0].shape[1]
-    if x.shape[-1] != cols:
-        raise ValueError(f"inputs have {x.shape[-1]} channels, the weight has in_features={cols}")
     if n_grid < 1:
         raise ValueError(f"n_grid must be >= 1, got {n_grid}")
-    check_finite(x, "AWQ calibration inputs")
-    g = gram(x).to(weights[0].device)
+    g = _gram_of(x, gram_matrix, cols).to(weights[0].device)
     if act_mean is None:
+        if x is None:
+            raise ValueError("AWQ needs act_mean when it is given a Gram matrix instead of inputs")
         act_mean = x.detach().reshape(-1, cols).abs().float().mean(0)
     if act_mean.shape != (cols,):
         raise ValueError(f"act_mean must have shape [{cols}], got {tuple(act_mean.shape)}")
@@ -177,17 +194,19 @@ def _block_errors(delta: torch.Tensor, gram_matrix: torch.Tensor, block: tuple[i
 
 def awq_search_clip(
     weight: torch.Tensor,
-    x: torch.Tensor,
+    x: torch.Tensor | None,
     fmt: Format,
     granularity: Granularity,
     symmetric: bool = True,
     n_grid: int = DEFAULT_CLIP_GRID,
     max_shrink: float = DEFAULT_MAX_SHRINK,
+    gram_matrix: torch.Tensor | None = None,
 ) -> QParams:
     """Quantization parameters with each block's range shrunk to minimise its output error.
 
-    Call it on the already scaled weight and inputs (``w * s``, ``x / s``). Ratios
-    ``1, 1 - max_shrink/n_grid, ...`` down to ``1 - max_shrink`` (exclusive) are tried per block.
+    Call it on the already scaled weight and inputs (``w * s``, ``x / s``), or give the scaled
+    inputs' ``gram_matrix`` instead of ``x``. Ratios ``1, 1 - max_shrink/n_grid, ...`` down to
+    ``1 - max_shrink`` (exclusive) are tried per block.
 
     >>> import lowbit.formats as F
     >>> from lowbit.granularity import PerGroup
@@ -198,14 +217,11 @@ def awq_search_clip(
     """
     (w,) = _as_list(weight)
     w = w.detach().float()
-    if x.shape[-1] != w.shape[1]:
-        raise ValueError(f"inputs have {x.shape[-1]} channels, the weight has in_features={w.shape[1]}")
     if fmt.family != "int":
         raise ValueError(f"AWQ clipping searches affine integer ranges; got {fmt.name} ({fmt.family})")
     if not 0.0 <= max_shrink < 1.0 or n_grid < 1:
         raise ValueError(f"need 0 <= max_shrink < 1 and n_grid >= 1, got {max_shrink}, {n_grid}")
-    check_finite(x, "AWQ calibration inputs")
-    g = gram(x).to(w.device)
+    g = _gram_of(x, gram_matrix, w.shape[1]).to(w.device)
     block = block_shape(granularity, w.shape)
     steps = max(1, round(max_shrink * n_grid)) if max_shrink > 0 else 1
     ratios = [1.0 - max_shrink * i / n_grid for i in range(steps)]

@@ -94,12 +94,15 @@ class HessianAccumulator:
         return (self.xtx * (2.0 / self.count)).float()
 
 
-def conv_input_rows(x: torch.Tensor, conv: nn.Conv1d | nn.Conv2d) -> torch.Tensor:
+def conv_input_rows(x: torch.Tensor, conv: nn.Conv1d | nn.Conv2d, all_groups: bool = False) -> torch.Tensor:
     """Unfold a convolution's input into rows that multiply ``conv.weight.flatten(1)``.
 
     A convolution is a linear layer applied to every receptive field; the returned matrix has one
     row per (sample, output position) and ``in_channels * prod(kernel_size)`` columns in the order
     of ``weight.flatten(1)``, so ``HessianAccumulator`` and ``gptq_quantize`` apply unchanged.
+    For a grouped convolution, ``all_groups=True`` returns the rows of every group side by side:
+    group ``g`` multiplies columns ``g * k : (g + 1) * k`` with ``k = in_channels / groups *
+    prod(kernel_size)``.
 
     >>> conv = nn.Conv2d(3, 8, 3, padding=1)
     >>> x = torch.randn(2, 3, 5, 5)
@@ -112,7 +115,7 @@ def conv_input_rows(x: torch.Tensor, conv: nn.Conv1d | nn.Conv2d) -> torch.Tenso
     """
     if not isinstance(conv, nn.Conv1d | nn.Conv2d):
         raise TypeError(f"expected nn.Conv1d or nn.Conv2d, got {type(conv).__name__}")
-    if conv.groups != 1:
+    if conv.groups != 1 and not all_groups:
         raise ValueError(
             f"grouped convolution (groups={conv.groups}) mixes separate input sets per output group; "
             "collect one Hessian per group from the matching input channels instead"

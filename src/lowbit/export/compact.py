@@ -213,7 +213,8 @@ def _decode(entry: dict[str, Any], key: str, take: Any) -> torch.Tensor:
             raise ArtifactError(f"tensor {key!r}: its run lengths decode to {raw.numel()} bytes, not {numel}")
     else:
         raw = take("raw", numel * width)
-    return raw.contiguous().view(dtype).reshape(shape).clone()
+    # A copy first: a raw slice of the stream may start at an offset the dtype's width does not divide.
+    return raw.clone().view(dtype).reshape(shape)
 
 
 # --- manifest compaction ---------------------------------------------------------------------------

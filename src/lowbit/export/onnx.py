@@ -351,8 +351,9 @@ def _fusable_groups(
     io_of: dict[int, tuple[str, str]], layers: list[tuple[str, QuantizedModule, Kernel]], u8u8: bool
 ) -> dict[int, list[int]]:
     """First index -> all indices of dynamic int8 linears that read the same input (attention's
-    query / key / value) with the same activation spec and the same SmoothQuant scales (shared by
-    ``smoothquant_weights``). One smoothing and one quantization of the input serve them all exactly."""
+    query / key / value) with the same activation spec and the same SmoothQuant scales (the
+    calibration pipeline gives layers that read one input one set). One smoothing and one
+    quantization of the input serve them all exactly."""
     by_input: dict[str, list[int]] = {}
     for index, (x, _y) in sorted(io_of.items()):
         _name, layer, kernel = layers[index]

@@ -33,7 +33,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import load_file as load_safetensors_file
 from torch import nn
 
-from lowbit import formats
+from lowbit import formats, observers
 from lowbit.export.compact import (
     CODED_VERSION,
     COMPRESSIONS,
@@ -204,6 +204,10 @@ def _check_consistency(path: Path, manifest: dict[str, Any]) -> None:
         for wname, spec in layer["weights"].items():
             _check_weight_buffers(path, name, wname, spec, tensors)
         act = layer["activation"]
+        if act is not None and act["observer"] not in observers.names():
+            raise ArtifactError(
+                f"{path}: layers.{name}.activation.observer: unknown observer {act['observer']!r}"
+            )
         if act is not None:
             try:
                 ActivationSpec(

@@ -43,7 +43,7 @@ def quantize_weight(w: torch.Tensor, spec: WeightSpec, what: str) -> QuantizedWe
     algorithm = spec.algorithm if spec.algorithm in ("rtn", "mse") else "rtn"
     qparams = choose_weight_qparams(w.detach(), fmt, g, spec.symmetric, algorithm)
     qw = QuantizedWeight.from_float(w, fmt, g, spec.symmetric, qparams=qparams, what=what)
-    qw.algorithm = spec.algorithm
+    qw.algorithm = "+".join(spec.steps)
     return qw
 
 

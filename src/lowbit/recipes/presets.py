@@ -16,6 +16,17 @@ def _weights(description: str, name: str, **weight: object) -> Recipe:
     return Recipe(name=name, description=description, weight=WeightSpec(**weight))  # type: ignore[arg-type]
 
 
+def _data_aware(description: str, name: str, **weight: object) -> Recipe:
+    # Embeddings and the output head stay at int8: quantizing them to 4 bits by round to nearest
+    # cost more than GPTQ gained elsewhere (tiny-gpt on tinyshakespeare, issue 14).
+    return Recipe(
+        name=name,
+        description=f"{description}; embeddings and output head int8",
+        weight=WeightSpec(**weight),  # type: ignore[arg-type]
+        embeddings_and_head="int8",
+    )
+
+
 PRESETS: dict[str, Recipe] = {
     r.name: r
     for r in [
@@ -48,7 +59,7 @@ PRESETS: dict[str, Recipe] = {
             symmetric=False,
             algorithm="mse",
         ),
-        _weights(
+        _data_aware(
             "int4 weights by GPTQ (Hessian error compensation), groups of 64 with zero points; needs data",
             "int4-gptq",
             format="uint4",
@@ -56,7 +67,7 @@ PRESETS: dict[str, Recipe] = {
             symmetric=False,
             algorithm="gptq",
         ),
-        _weights(
+        _data_aware(
             "int3 weights by GPTQ, groups of 64 with zero points; needs calibration data",
             "int3-gptq",
             format="uint3",
@@ -64,13 +75,29 @@ PRESETS: dict[str, Recipe] = {
             symmetric=False,
             algorithm="gptq",
         ),
-        _weights(
+        _data_aware(
             "int4 weights by AWQ (activation-aware scaling + clip search), groups of 64; needs data",
             "int4-awq",
             format="uint4",
             granularity="group:64",
             symmetric=False,
             algorithm="awq",
+        ),
+        _data_aware(
+            "int4 weights: AWQ's input scaling, then GPTQ on the scaled weights, groups of 64; needs data",
+            "int4-awq-gptq",
+            format="uint4",
+            granularity="group:64",
+            symmetric=False,
+            algorithm=("awq", "gptq"),
+        ),
+        Recipe(
+            name="w8a8-smoothquant",
+            description="int8 weights by GPTQ after SmoothQuant (alpha 0.5), uint8 activations per token",
+            weight=WeightSpec(format="int8", algorithm=("smoothquant", "gptq")),
+            activation=_DYNAMIC,
+            smoothquant_alpha=0.5,
+            embeddings_and_head="int8",
         ),
         Recipe(
             name="int8-smoothquant",

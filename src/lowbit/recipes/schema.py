@@ -127,11 +127,23 @@ def _allowed_keys(cls: type, loc: tuple[Any, ...]) -> list[str]:
     return sorted(f.name for f in dataclasses.fields(cls))
 
 
+_UNION_BRANCHES = {"str", "int", "float", "bool", "none", "tuple", "list", "dict"}
+
+
+def _field_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """``loc`` without pydantic's union-branch tags (``str``, ``function-before[...]``, ``list[str]``)."""
+    return tuple(
+        p
+        for p in loc
+        if isinstance(p, int) or not (p in _UNION_BRANCHES or "[" in p or p.startswith("function-"))
+    )
+
+
 def _message(err: ValidationError, cls: type, root: str) -> str:
     """One line for a pydantic error: the key path, what was expected and what was given."""
-    lines = []
+    lines: list[str] = []
     for e in err.errors():
-        loc = tuple(e["loc"])
+        loc = _field_loc(tuple(e["loc"]))
         kind = e["type"]
         if kind == "extra_forbidden":
             where = _path(root, loc[:-1])
@@ -143,7 +155,13 @@ def _message(err: ValidationError, cls: type, root: str) -> str:
             lines.append(f"{_path(root, loc)}: {e['ctx']['error']}")
         else:
             what = _EXPECTED.get(kind) or e["msg"].removeprefix("Input should be ")
-            lines.append(f"{_path(root, loc)}: expected {what}, got {_show(e['input'])}")
+            head = f"{_path(root, loc)}: expected "
+            tail = f", got {_show(e['input'])}"
+            same = [i for i, line in enumerate(lines) if line.startswith(head) and line.endswith(tail)]
+            if same:  # one value that fits no branch of a union: one line naming every branch
+                lines[same[0]] = lines[same[0]][: -len(tail)] + f" or {what}" + tail
+            else:
+                lines.append(f"{head}{what}{tail}")
     more = f" (and {len(lines) - 3} more problems)" if len(lines) > 3 else ""
     return "; ".join(lines[:3]) + more
 

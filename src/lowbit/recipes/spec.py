@@ -22,7 +22,8 @@ from lowbit.recipes import schema
 RECIPE_VERSION = 1
 MODULE_KINDS = ("linear", "conv", "embedding", "rnn")
 ACTIVATION_MODES = ("none", "dynamic", "static")
-WEIGHT_ALGORITHMS = ("rtn", "mse", "gptq", "awq")
+WEIGHT_ALGORITHMS = ("rtn", "mse", "gptq", "awq", "smoothquant", "bias_correction")
+EDGE_POLICIES = ("recipe", "int8", "float")
 
 
 @dataclass(frozen=True)
@@ -35,19 +36,31 @@ class WeightSpec:
         granularity: ``tensor``, ``channel`` (per output channel), ``group:G`` (G inputs per scale).
         symmetric: integer formats: zero point fixed at 0 (True) or fitted (False).
         algorithm: ``rtn`` (round to nearest, full range), ``mse`` (clip range searched per block
-            to minimise the weight's squared error), ``gptq`` or ``awq`` (data-aware: need calibration;
-            see ``lowbit.api.DATA_AWARE_ALGORITHMS``).
+            to minimise the weight's squared error), ``gptq`` or ``awq`` (data-aware: need calibration),
+            or a sequence applied in order inside each calibration stage, such as
+            ``("awq", "gptq")`` or ``("smoothquant", "gptq")`` (see ``lowbit.ptq.modifiers``).
     """
 
     format: str = "int8"
     granularity: str = "channel"
     symmetric: bool = True
-    algorithm: str = "rtn"
+    algorithm: str | tuple[str, ...] = "rtn"
 
     def __post_init__(self) -> None:
         formats.get(self.format)
         gran.parse(self.granularity)
-        _check_choice("weight algorithm", self.algorithm, WEIGHT_ALGORITHMS)
+        if isinstance(self.algorithm, list | tuple):  # YAML / JSON give lists; one step is a plain name
+            steps = tuple(self.algorithm)
+            if not steps:
+                raise ValueError("weight algorithm is an empty list; give at least one, e.g. [gptq]")
+            object.__setattr__(self, "algorithm", steps[0] if len(steps) == 1 else steps)
+        for step in self.steps:
+            _check_choice("weight algorithm", step, WEIGHT_ALGORITHMS)
+
+    @property
+    def steps(self) -> tuple[str, ...]:
+        """``algorithm`` as a tuple of steps (``("gptq",)`` for ``"gptq"``)."""
+        return self.algorithm if isinstance(self.algorithm, tuple) else (self.algorithm,)
 
 
 @dataclass(frozen=True)
@@ -121,6 +134,10 @@ class Recipe:
             per-token layers that measure better without it).
         bias_correction: remove the expected output shift that weight quantization causes
             (static recipes, measured on the calibration data).
+        sequential_targets: fnmatch patterns (module names or class names) of the stages that
+            data-aware algorithms calibrate one after another; empty: found from the model's structure.
+        embeddings_and_head: ``recipe`` (quantized like every other layer), ``int8`` or ``float``:
+            what embeddings and the output head (found from the model's structure) get instead.
         allow_saturation: float weight formats (``fp16``, ``bf16``) clip values beyond their range
             (``fp16`` stores 1e6 as 65504); ``False`` refuses such a model with a ``ModelError``
             naming each layer and its count of saturated values, ``True`` quantizes it with a
@@ -142,6 +159,8 @@ class Recipe:
     smoothquant_exclude: tuple[str, ...] = ()
     bias_correction: bool = False
     allow_saturation: bool = False
+    sequential_targets: tuple[str, ...] = ()
+    embeddings_and_head: str = "recipe"
     version: int = RECIPE_VERSION
 
     def __post_init__(self) -> None:
@@ -149,6 +168,7 @@ class Recipe:
             raise ValueError(f"smoothquant_alpha must be in [0, 1], got {self.smoothquant_alpha}")
         for kind in self.modules:
             _check_choice("module kind", kind, MODULE_KINDS)
+        _check_choice("embeddings_and_head", self.embeddings_and_head, EDGE_POLICIES)
         if self.version != RECIPE_VERSION:
             raise ValueError(
                 f"recipe version {self.version} is not supported (this lowbit reads {RECIPE_VERSION})"
@@ -179,9 +199,12 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (YAML/JSON-ready) with a ``version`` field."""
         d = dataclasses.asdict(self)
-        for key in ("modules", "include", "exclude", "smoothquant_exclude"):
+        for key in _LIST_FIELDS:
             d[key] = list(getattr(self, key))
         d["overrides"] = [{k: v for k, v in o.items() if v not in (None, False)} for o in d["overrides"]]
+        for w in [d["weight"]] + [o.get("weight") for o in d["overrides"]]:
+            if w and isinstance(w["algorithm"], tuple):
+                w["algorithm"] = list(w["algorithm"])  # YAML's safe dumper has no tuples
         return d
 
     @classmethod
@@ -199,6 +222,9 @@ class Recipe:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_yaml())
+
+
+_LIST_FIELDS = ("modules", "include", "exclude", "smoothquant_exclude", "sequential_targets")
 
 
 def _check_choice(what: str, value: str, choices: tuple[str, ...]) -> None:

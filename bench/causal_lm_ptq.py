@@ -1,0 +1,94 @@
+"""Data-aware PTQ on a small char-level GPT: held-out perplexity of float / RTN / GPTQ / AWQ.
+
+Trains (once; cached) ``tiny-gpt`` on a text file (default: the shared tinyshakespeare), then
+quantizes it through ``lowbit.quantize`` and measures held-out perplexity:
+
+1. the algorithms on the same layers and grid: every linear layer (the output head included,
+   the embeddings float) at int4 g128 symmetric, int3 g128 symmetric and uint4 g64 asymmetric,
+   by round to nearest, GPTQ, AWQ and AWQ then GPTQ, with the share of RTN's perplexity
+   increase that each removes, ``(ppl_rtn - ppl) / (ppl_rtn - ppl_float)``;
+2. the presets: ``int4-weight-only`` against every data-aware preset.
+
+Each row also gives the quantization's wall time. Too slow for the test suite.
+
+Usage::
+
+    LOWBIT_CACHE=/tmp/lowbit-cache python bench/causal_lm_ptq.py [--d-model 128] [--steps 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+import lowbit
+from lowbit.eval.perplexity import perplexity
+from lowbit.recipes import Recipe, WeightSpec
+from lowbit.zoo.tinygpt import TinyGPTConfig, get_tiny_gpt
+
+GRIDS = {
+    "int4 g128 sym": dict(format="int4", granularity="group:128", symmetric=True),
+    "int3 g128 sym": dict(format="int3", granularity="group:128", symmetric=True),
+    "uint4 g64 asym": dict(format="uint4", granularity="group:64", symmetric=False),
+}
+ALGORITHMS = {"RTN": "rtn", "GPTQ": "gptq", "AWQ": "awq", "AWQ+GPTQ": ("awq", "gptq")}
+PRESETS = ("int4-weight-only", "int4-gptq", "int4-awq", "int4-awq-gptq", "int3-gptq")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--text", default=str(Path(__file__).parents[2] / "shared/data/tinyshakespeare.txt"))
+    parser.add_argument("--d-model", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--eval-batches", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.simplefilter("ignore")
+    cfg = TinyGPTConfig(n_layer=args.layers, n_head=4, d_model=args.d_model, steps=args.steps, lr=args.lr)
+    zm = get_tiny_gpt(text_path=args.text, config=cfg, max_eval_batches=args.eval_batches)
+    base = perplexity(zm.model, zm.eval_data)
+    print(f"{zm.description}; held-out perplexity {base:.4f} on {len(zm.eval_data)} batches of 16 x 128")
+    print(f"calibration: {len(zm.calibration)} batches of 16 x 128 tokens\n")
+
+    def run(recipe: str | Recipe) -> tuple[float, float]:
+        started = time.perf_counter()
+        q = lowbit.quantize(zm.model, recipe, calibration=zm.calibration, progress=False)
+        return perplexity(q, zm.eval_data), time.perf_counter() - started
+
+    print("| linear layers at | " + " | ".join(ALGORITHMS) + " |")
+    print("|---|" + "---:|" * len(ALGORITHMS))
+    for grid, spec in GRIDS.items():
+        cells, rtn = [], None
+        for algorithm in ALGORITHMS.values():
+            recipe = Recipe(weight=WeightSpec(**spec, algorithm=algorithm), modules=("linear",))
+            ppl, seconds = run(recipe)
+            if rtn is None:
+                rtn = ppl
+                cells.append(f"{ppl:.4f} ({seconds:.0f} s)")
+            else:
+                share = (rtn - ppl) / (rtn - base) * 100 if rtn != base else float("nan")
+                cells.append(f"{ppl:.4f}, {share:.0f}% ({seconds:.0f} s)")
+        print(f"| {grid} | " + " | ".join(cells) + " |", flush=True)
+
+    print("\n| preset | perplexity | vs int4-weight-only | bits / param | quantize s |")
+    print("|---|---:|---:|---:|---:|")
+    reference = None
+    for name in PRESETS:
+        started = time.perf_counter()
+        q = lowbit.quantize(zm.model, name, calibration=zm.calibration, progress=False)
+        seconds = time.perf_counter() - started
+        ppl = perplexity(q, zm.eval_data)
+        reference = ppl if reference is None else reference
+        bits = lowbit.size_report(q).bits_per_param
+        print(f"| {name} | {ppl:.4f} | {ppl - reference:+.4f} | {bits:.2f} | {seconds:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

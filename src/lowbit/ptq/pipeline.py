@@ -1,0 +1,506 @@
+"""The sequential calibration pipeline: one data flow for every data-aware algorithm.
+
+::
+
+    calibration batches -> capture the inputs of stage 1 (the forward stops there)
+      -> for each stage (a transformer layer, a block, a child):
+           run it on the cached inputs; hooks gather each layer group's input statistics
+           -> modifiers in recipe order (smoothquant | awq | gptq | rtn | bias_correction)
+           -> write the quantized weights back -> run it again: its outputs, computed with the
+              quantized weights, are the next stage's cached inputs (spilled to disk past a budget)
+      -> layers outside the stages: before the first one, from a pass that stops at stage 1;
+         after the last one (an output head), from one pass of the whole, already quantized model
+
+So each stage runs at most twice per batch and the model is never re-run from its start per
+layer; later layers see, and compensate, the errors of earlier ones, as in the GPTQ and AWQ
+papers. How stages are found: ``lowbit.ptq.stages``. The model passed in is changed in place:
+its float weights become the dequantized ones (``lowbit.quantize`` works on a copy).
+
+>>> import torch, lowbit
+>>> from torch import nn
+>>> torch.manual_seed(0) and None
+>>> model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+>>> q = lowbit.quantize(model, "int4-gptq", calibration=[torch.randn(64, 32)], progress=False)
+>>> q[0].qweight.algorithm, q[0].qweight.info["gptq_error"] <= q[0].qweight.info["rtn_error"]
+('gptq', True)
+>>> q[4].qweight.fmt.name  # the output head stays at int8 in the data-aware presets
+'int8'
+>>> [(s.name, s.runs) for s in q.lowbit_calibration.stages]  # statistics, then outputs for the next
+[('0', 2), ('1', 1), ('2', 1)]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+import resource
+import time
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lowbit.ptq.cache import ActivationCache, MemoryBudget
+from lowbit.ptq.convert import model_device, to_device
+from lowbit.ptq.matrices import write
+from lowbit.ptq.modifiers import LayerResult, Notes, apply_group, layer_sequence, needs_data, quantize_rtn
+from lowbit.ptq.plan import LayerPlan, plan_model
+from lowbit.ptq.stages import Probe, Slot, hidden_of, model_call, probe_model
+from lowbit.ptq.stats import StageObserver
+from lowbit.recipes import LayerRule, Recipe, WeightSpec, resolve
+
+DEFAULT_CACHE_BYTES = 2 << 30  # activations kept in memory before spilling to disk
+# What ``embeddings_and_head: int8`` gives those layers: 8 bits per output channel, round to nearest.
+EDGE_INT8 = WeightSpec(format="int8", granularity="channel", symmetric=True, algorithm="rtn")
+
+
+@dataclass
+class StageReport:
+    """One stage of a calibration run."""
+
+    name: str
+    layers: int  # layers calibrated in this stage
+    groups: list[list[str]]  # layers that shared one input (and one set of statistics)
+    runs: int  # passes of the stage over the calibration batches (statistics, then outputs)
+    seconds: float
+    peak_memory_bytes: int  # process RSS (CPU) or allocated CUDA memory, highest seen in the stage
+    cached_bytes: int  # activations held in memory at the stage's end
+    spilled_bytes: int  # activations written to disk by this stage
+    stats_bytes: int  # statistics (Hessians, ...) held while the stage was quantized
+
+
+@dataclass
+class CalibrationResult:
+    """What ``calibrate_weights`` chose, and how the run went."""
+
+    recipe: Recipe  # the recipe as applied (the embeddings / head choice made explicit)
+    weights: dict[str, Any]  # layer name -> QuantizedWeight (RNNs: dict by parameter)
+    input_smooth: dict[str, torch.Tensor]
+    layout: str  # how stages were found: targets | blocks | children | model
+    stages: list[StageReport] = field(default_factory=list)
+    model_passes: int = 0  # passes of the whole model over the batches (capture, outside layers)
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """One line per stage (for logs and reports)."""
+        lines = [f"{len(self.stages)} stages ({self.layout}), {self.model_passes} passes of the whole model"]
+        for s in self.stages:
+            lines.append(
+                f"  {s.name}: {s.layers} layers in {len(s.groups)} groups, {s.runs} runs, {s.seconds:.2f} s, "
+                f"peak {s.peak_memory_bytes / 2**20:.0f} MiB, spilled {s.spilled_bytes / 2**20:.0f} MiB"
+            )
+        return "\n".join(lines)
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass once the first stage has its input."""
+
+
+def _stop(*_: Any) -> None:
+    raise _StopForward
+
+
+class _MemoryMeter:
+    """Highest memory seen during a stage: CUDA's allocator peak, or this process's RSS."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        self.max_rss_before = _max_rss()
+        self.peak = _rss()
+
+    def sample(self) -> None:
+        if not self.cuda:
+            self.peak = max(self.peak, _rss())
+
+    def result(self) -> int:
+        if self.cuda:
+            return int(torch.cuda.max_memory_allocated(self.device))
+        now = _max_rss()
+        # The process-wide high-water mark rose during this stage: that is the stage's peak.
+        return max(self.peak, now) if now > self.max_rss_before else self.peak
+
+
+def _max_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _rss() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return _max_rss()
+
+
+def _with_hidden(shared: tuple[tuple[Any, ...], dict[str, Any]], slot: Slot | None, x: Any):
+    args, kwargs = shared
+    if slot is None:
+        return args, kwargs
+    if isinstance(slot, int):
+        return args[:slot] + (x,) + args[slot + 1 :], kwargs
+    return args, {**kwargs, slot: x}
+
+
+def edge_recipe(recipe: Recipe, layers: list[LayerPlan], probe: Probe, notes: list[str]) -> Recipe:
+    """``recipe`` with its ``embeddings_and_head`` choice made explicit as per-layer overrides."""
+    policy = recipe.embeddings_and_head
+    if policy == "recipe":
+        return recipe
+    planned = {layer.name for layer in layers}
+    embeddings = [layer.name for layer in layers if layer.kind == "embedding"]
+    head = [name for name in probe.head if name in planned and name not in embeddings]
+    kept = "float" if policy == "float" else "int8 (per channel, round to nearest)"
+    notes.append(
+        f"embeddings ({', '.join(embeddings) or 'none'}) and output head ({', '.join(head) or 'none found'}) "
+        f"kept at {kept}: embeddings_and_head={policy!r}; 'recipe' quantizes them like the other layers"
+    )
+    rules = tuple(
+        LayerRule(glob.escape(name), skip=True)
+        if policy == "float"
+        else LayerRule(glob.escape(name), weight=EDGE_INT8)
+        for name in embeddings + head
+    )
+    return dataclasses.replace(recipe, overrides=recipe.overrides + rules, embeddings_and_head="recipe")
+
+
+def _tied(layers: list[LayerPlan]) -> set[str]:
+    """Layers whose weight tensor another planned layer also uses (GPT-2's embedding and head)."""
+    owners: dict[int, list[str]] = {}
+    for layer in layers:
+        for p in layer.module.parameters(recurse=False):
+            owners.setdefault(id(p), []).append(layer.name)
+    return {name for names in owners.values() if len(names) > 1 for name in names}
+
+
+class _Pipeline:
+    def __init__(
+        self, model: nn.Module, recipe: Recipe, batches: list[Any], progress: bool, cache_bytes: int
+    ):
+        self.model, self.recipe, self.batches, self.progress = model, recipe, batches, progress
+        self.device = model_device(model)
+        self.budget = MemoryBudget(cache_bytes)
+        self.results: dict[str, LayerResult] = {}
+        self.sequences: dict[str, tuple[str, ...]] = {}
+        self.tied: set[str] = set()
+        self.few_rows: list[tuple[str, int, int]] = []  # (layer, inputs, rows seen)
+        self.reports: list[StageReport] = []
+        self.model_passes = 0
+
+    # --- planning ------------------------------------------------------------------------------
+
+    def _plan(self, recipe: Recipe, notes: Notes) -> list[LayerPlan]:
+        layers = plan_model(self.model, recipe).layers
+        self.sequences = {layer.name: layer_sequence(layer, recipe, notes) for layer in layers}
+        return layers
+
+    def run(self) -> CalibrationResult:
+        notes = Notes()
+        layers = self._plan(self.recipe, notes)  # every refusal happens here, before any forward pass
+        probe = probe_model(self.model, layers, self.batches[0], self.recipe.sequential_targets)
+        edge_notes: list[str] = []
+        recipe = edge_recipe(self.recipe, layers, probe, edge_notes)
+        if recipe is not self.recipe:
+            notes = Notes()
+            layers = self._plan(recipe, notes)
+        self.tied = _tied(layers)
+        data_layers = [layer for layer in layers if needs_data(self.sequences[layer.name])]
+        missing = [layer.name for layer in data_layers if layer.name not in probe.first_call]
+        if missing:
+            raise ValueError(
+                f"layer {missing[0]} is never called on the calibration data, so it cannot be calibrated; "
+                "exclude it from the recipe or give batches that reach it"
+            )
+        for layer in layers:
+            if layer not in data_layers:
+                self._keep(layer, quantize_rtn(layer, self.sequences[layer.name]))
+
+        stages = probe.layout.stages
+        in_stage: list[list[LayerPlan]] = [[] for _ in stages]
+        prefix, tail = [], []
+        for layer in data_layers:
+            index = next(
+                (
+                    i
+                    for i, (name, _) in enumerate(stages)
+                    if layer.name == name or layer.name.startswith(f"{name}.")
+                ),
+                None,
+            )
+            if index is not None:
+                in_stage[index].append(layer)
+            elif stages and probe.first_call[layer.name] < probe.stage_first_call[0]:
+                prefix.append(layer)
+            else:
+                tail.append(layer)
+        last = max((i for i, ls in enumerate(in_stage) if ls), default=-1)
+        total = bool(prefix) + (last + 1) + bool(tail)
+        bar = tqdm(total=total, desc="calibrating", unit="stage", disable=not self.progress, leave=False)
+        try:
+            if prefix:
+                bar.set_postfix_str("layers before the first stage")
+                self._observe_model("(before the first stage)", prefix, stop_at=stages[0][1])
+                bar.update()
+            if last >= 0:
+                self._run_stages(stages[: last + 1], in_stage, probe.layout.slot, bar)
+            if tail:
+                name = "(whole model)" if not stages else "(after the last stage)"
+                bar.set_postfix_str(name)
+                self._observe_model(name, tail, stop_at=None)
+                bar.update()
+        finally:
+            bar.close()
+            self.budget.close()
+        self._warn_few_rows()
+
+        weights: dict[str, Any] = {}
+        smooth: dict[str, torch.Tensor] = {}
+        for layer in layers:
+            r = self.results[layer.name]
+            weights[layer.name] = r.weights if layer.kind == "rnn" else r.weights["weight"]
+            if r.smooth is not None:
+                smooth[layer.name] = r.smooth
+        all_notes = edge_notes + notes.lines()
+        if probe.layout.mode == "model" and probe.rejected and data_layers:
+            all_notes.append(
+                "calibrated the whole model in one pass (no chain of stages: "
+                + "; ".join(probe.rejected)
+                + ")"
+            )
+        return CalibrationResult(
+            recipe, weights, smooth, probe.layout.mode, self.reports, self.model_passes, all_notes
+        )
+
+    # --- quantized layers ----------------------------------------------------------------------
+
+    def _keep(self, layer: LayerPlan, result: LayerResult) -> None:
+        """Record a layer's result and make the working model compute with its quantized weights."""
+        self.results[layer.name] = result
+        if layer.name not in self.tied:  # a shared weight must stay float for its other user
+            for m, value in result.effective:
+                write(layer, m, value)
+        if result.bias_shift is not None:
+            module = layer.module
+            shift = result.bias_shift.to(module.weight.dtype)
+            if module.bias is None:
+                module.bias = nn.Parameter(shift.clone(), requires_grad=False)
+            else:
+                with torch.no_grad():
+                    module.bias += shift
+
+    def _quantize(self, observer: StageObserver, layers: list[LayerPlan]) -> None:
+        seen = {layer.name for g in observer.groups for layer in g.layers}
+        for layer in layers:
+            if layer.name not in seen:
+                raise ValueError(
+                    f"layer {layer.name} is never called when its stage runs on the calibration data, so "
+                    "it cannot be calibrated; exclude it from the recipe or set sequential_targets"
+                )
+        for group in observer.groups:
+            for source, stats in group.stats.items():
+                if stats.xtx is not None and stats.count < stats.cols:
+                    self.few_rows.append(
+                        (group.names[0] + (f" ({source})" if source != "x" else ""), stats.cols, stats.count)
+                    )
+            for name, result in apply_group(group, self.recipe).items():
+                self._keep(next(layer for layer in group.layers if layer.name == name), result)
+
+    def _warn_few_rows(self) -> None:
+        if not self.few_rows:
+            return
+        name, cols, rows = max(self.few_rows, key=lambda t: t[1] - t[2])
+        warnings.warn(
+            f"lowbit: {len(self.few_rows)} layer input(s) saw fewer calibration rows (tokens or positions) "
+            f"than they have channels, e.g. {name}: {rows} rows for {cols} inputs; their statistics are "
+            f"rank-deficient and GPTQ / AWQ compensate less: give at least {cols} rows "
+            "(sequences x tokens per sequence)",
+            stacklevel=5,
+        )
+
+    # --- passes --------------------------------------------------------------------------------
+
+    def _call(self, batch: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        return model_call(self.model, to_device(batch, self.device))
+
+    def _observe_model(self, name: str, layers: list[LayerPlan], stop_at: nn.Module | None) -> None:
+        """One pass of the whole model with hooks on ``layers`` (stopping at ``stop_at``), then
+        quantize them."""
+        started, meter = time.perf_counter(), _MemoryMeter(self.device)
+        observer = StageObserver(layers, self.sequences)
+        handle = None
+        if stop_at is not None:
+            handle = stop_at.register_forward_pre_hook(_stop)
+        try:
+            with observer.hooks():
+                for batch in self.batches:
+                    args, kwargs = self._call(batch)
+                    try:
+                        self.model(*args, **kwargs)
+                    except _StopForward:
+                        pass
+                    observer.end_call()
+                    meter.sample()
+        finally:
+            if handle is not None:
+                handle.remove()
+        self.model_passes += 1
+        stats_bytes = observer.nbytes
+        self._quantize(observer, layers)
+        self.reports.append(
+            StageReport(
+                name,
+                len(layers),
+                [g.names for g in observer.groups],
+                1,
+                time.perf_counter() - started,
+                meter.result(),
+                self.budget.used,
+                0,
+                stats_bytes,
+            )
+        )
+
+    def _capture(self, first: nn.Module, slot: Slot | None, cache: ActivationCache) -> list[tuple]:
+        """Inputs of the first stage for every batch: the hidden state into ``cache``, the rest
+        (masks, position embeddings: the same for every stage) returned by batch."""
+        captured: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+
+        def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            captured.append((args, kwargs))
+            raise _StopForward
+
+        shared = []
+        handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            for index, batch in enumerate(self.batches):
+                args, kwargs = self._call(batch)
+                try:
+                    self.model(*args, **kwargs)
+                except _StopForward:
+                    pass
+                if len(captured) != 1:
+                    raise ValueError("the first calibration stage was not reached on a calibration batch")
+                args, kwargs = captured.pop()
+                if slot is None:
+                    shared.append((args, kwargs))
+                    continue
+                x = args[slot] if isinstance(slot, int) else kwargs[slot]
+                cache.put(index, x.detach())
+                shared.append(
+                    (args[:slot] + (None,) + args[slot + 1 :], kwargs)
+                    if isinstance(slot, int)
+                    else (args, {k: v for k, v in kwargs.items() if k != slot})
+                )
+        finally:
+            handle.remove()
+        self.model_passes += 1
+        return shared
+
+    def _run_stages(self, stages, in_stage, slot: Slot | None, bar) -> None:
+        cache = ActivationCache(self.budget)
+        shared = self._capture(stages[0][1], slot, cache)
+
+        def inputs(index: int, source: ActivationCache):
+            if slot is None:
+                return shared[index]
+            # A copy: a stage that edits its input in place must not change the cached one.
+            return _with_hidden(shared[index], slot, source.get(index).clone())
+
+        for i, (name, stage) in enumerate(stages):
+            started, meter = time.perf_counter(), _MemoryMeter(self.device)
+            bar.set_postfix_str(name)
+            layers = in_stage[i]
+            runs, stats_bytes, groups = 0, 0, []
+            if layers:
+                observer = StageObserver(layers, self.sequences)
+                with observer.hooks():
+                    for index in range(len(self.batches)):
+                        args, kwargs = inputs(index, cache)
+                        stage(*args, **kwargs)
+                        observer.end_call()
+                        meter.sample()
+                runs += 1
+                stats_bytes = observer.nbytes
+                groups = [g.names for g in observer.groups]
+                self._quantize(observer, layers)
+                del observer
+            spilled = 0
+            if i < len(stages) - 1:
+                if slot is None:
+                    raise RuntimeError("stages without a chained input cannot pass outputs on")
+                outputs = ActivationCache(self.budget)
+                for index in range(len(self.batches)):
+                    args, kwargs = inputs(index, cache)
+                    hidden = hidden_of(stage(*args, **kwargs))
+                    assert hidden is not None
+                    cache.drop(index)
+                    outputs.put(index, hidden.detach())
+                    meter.sample()
+                runs += 1
+                spilled = outputs.spilled_bytes
+                cache.close()
+                cache = outputs
+            self.reports.append(
+                StageReport(
+                    name,
+                    len(layers),
+                    groups,
+                    runs,
+                    time.perf_counter() - started,
+                    meter.result(),
+                    self.budget.used,
+                    spilled,
+                    stats_bytes,
+                )
+            )
+            bar.update()
+        cache.close()
+
+
+def calibrate_weights(
+    model: nn.Module,
+    recipe: str | Recipe | dict[str, Any],
+    calibration: Iterable[Any],
+    *,
+    progress: bool = True,
+    cache_bytes: int | None = None,
+) -> CalibrationResult:
+    """Choose every planned layer's quantized weight with the sequential pipeline.
+
+    ``model`` is changed in place (its float weights become the dequantized ones, biases gain
+    their corrections), ready for ``lowbit.ptq.prepare(model, result.recipe, inplace=True,
+    weights=result.weights, input_smooth=result.input_smooth)``, which is what
+    ``lowbit.quantize`` does. ``cache_bytes`` caps the activations kept in memory (default
+    ``DEFAULT_CACHE_BYTES``); the rest go to a temporary directory.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    >>> r = calibrate_weights(model, "int4-gptq", [torch.randn(32, 16)], progress=False)
+    >>> r.layout, sorted(r.weights), r.stages[0].groups
+    ('children', ['0', '2'], [['0']])
+    """
+    recipe = resolve(recipe)
+    batches = list(calibration)
+    if not batches:
+        raise ValueError("the calibration data is empty: pass at least one input batch")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            pipeline = _Pipeline(
+                model, recipe, batches, progress, DEFAULT_CACHE_BYTES if cache_bytes is None else cache_bytes
+            )
+            return pipeline.run()
+    finally:
+        model.train(was_training)
+
+
+__all__ = ["CalibrationResult", "DEFAULT_CACHE_BYTES", "StageReport", "calibrate_weights"]

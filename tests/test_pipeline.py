@@ -1,0 +1,197 @@
+"""The sequential calibration pipeline: stages, grouping by tensor identity, data flow, memory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import lowbit
+from lowbit.ptq.pipeline import calibrate_weights
+from lowbit.recipes import Recipe, WeightSpec
+
+GPTQ = Recipe(weight=WeightSpec(format="int4", granularity="group:16", algorithm="gptq"))
+RTN = Recipe(weight=WeightSpec(format="int4", granularity="group:16"))
+
+
+class ReuseBlock(nn.Module):
+    """``a`` and ``b`` read two different tensors that live at one address: the first is dropped
+    and its memory handed to the second, exactly what the allocator does with a freed block of
+    the same size (here forced, so it happens on every platform and every call); ``q`` and ``k``
+    read one tensor. ``keep=True`` allocates the second tensor afresh: same data flow, no reuse."""
+
+    def __init__(self, width: int = 32, keep: bool = False) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(width, width), nn.Linear(width, width)
+        self.q, self.k = nn.Linear(width, width // 2), nn.Linear(width, width // 2)
+        self.keep = keep
+        self.addresses: list[tuple[int, int]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x * 2.0
+        ya = self.a(h)
+        block = h.view(h.shape)  # the freed memory, as a new tensor object
+        first = h.data_ptr()
+        del h
+        h = x * 3.0 if self.keep else torch.mul(x, 3.0, out=block)
+        self.addresses.append((first, h.data_ptr()))
+        yb = self.b(h)
+        z = torch.tanh(ya + yb)
+        return x + torch.cat([self.q(z), self.k(z)], dim=-1)
+
+
+class Stack(nn.Module):
+    def __init__(self, n: int = 3, width: int = 32, keep: bool = False) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(ReuseBlock(width, keep) for _ in range(n))
+        self.head = nn.Linear(width, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def batches(n: int = 3, rows: int = 64, width: int = 32, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(width, width, generator=g) / 4 + torch.eye(width)
+    return [torch.randn(rows, width, generator=g) @ mix for _ in range(n)]
+
+
+def output_error(model: nn.Module, q: nn.Module, data: list[torch.Tensor]) -> float:
+    with torch.no_grad():
+        return sum(float(((model(x) - q(x)) ** 2).mean()) for x in data)
+
+
+def test_grouping_follows_tensor_identity_even_when_the_allocator_reuses_memory():
+    torch.manual_seed(0)
+    model, data = Stack().eval(), batches()
+    result = calibrate_weights(model, GPTQ, data, progress=False)
+    # a's and b's inputs shared one address in every call: grouping by data_ptr() merges them.
+    assert model.blocks[0].addresses and all(f == s for blk in model.blocks for f, s in blk.addresses)
+    assert result.layout == "blocks"
+    for i, stage in enumerate(result.stages[:3]):
+        p = f"blocks.{i}"
+        assert stage.groups == [[f"{p}.a"], [f"{p}.b"], [f"{p}.q", f"{p}.k"]]
+    torch.manual_seed(0)
+    kept = Stack(keep=True).eval()  # the same weights and data flow, without any reuse
+    assert [s.groups for s in calibrate_weights(kept, GPTQ, data, progress=False).stages] == [
+        s.groups for s in result.stages
+    ]
+
+
+def test_each_stage_runs_on_cached_inputs_never_the_model_from_its_start():
+    torch.manual_seed(0)
+    model, data = Stack(n=4), batches(n=3)
+    calls = {"model": 0, **{f"blocks.{i}": 0 for i in range(4)}}
+    model.register_forward_pre_hook(lambda *_: calls.__setitem__("model", calls["model"] + 1))
+    for i, block in enumerate(model.blocks):
+        block.register_forward_pre_hook(lambda *_, n=f"blocks.{i}": calls.__setitem__(n, calls[n] + 1))
+    result = calibrate_weights(model, GPTQ, data, progress=False)
+    # One probe pass on the first batch, then one capture pass that stops at the first block,
+    # then one pass over the head's inputs: the model's own forward never runs per layer.
+    assert calls["model"] == 1 + len(data) + len(data)
+    names = [s.name for s in result.stages]
+    assert names == ["blocks.0", "blocks.1", "blocks.2", "blocks.3", "(after the last stage)"]
+    statistics_passes = sum(1 for s in result.stages if s.layers)
+    assert statistics_passes == len(result.stages)  # one statistics pass per stage
+    # Each block: its statistics pass and the pass computing its quantized outputs (the last
+    # one needs no outputs: the head is calibrated from a pass of the whole model).
+    assert [s.runs for s in result.stages] == [2, 2, 2, 1, 1]
+    b = len(data)
+    probe, capture, tail = 1, b, b  # the capture pass stops inside blocks.0's call
+    expected = [probe + capture + 2 * b + tail] + [probe + 2 * b + tail] * 2 + [probe + b + tail]
+    assert [calls[f"blocks.{i}"] for i in range(4)] == expected
+    assert result.model_passes == 2
+
+
+def test_later_stages_see_the_quantized_outputs_of_earlier_ones():
+    """Stage 2's statistics come from stage 1's quantized outputs: quantizing stage 1 differently
+    changes stage 2's GPTQ result (it would not if every stage saw float inputs)."""
+    torch.manual_seed(0)
+    model, data = Stack(n=2), batches()
+    coarse = Recipe(
+        weight=WeightSpec(format="int4", granularity="group:16", algorithm="gptq"),
+        overrides=(lowbit.recipes.LayerRule("blocks.0.*", weight=WeightSpec(format="int2")),),
+    )
+    a = lowbit.quantize(model, GPTQ, calibration=data, progress=False)
+    b = lowbit.quantize(model, coarse, calibration=data, progress=False)
+    assert not torch.equal(a.blocks[1].a.qweight.packed, b.blocks[1].a.qweight.packed)
+
+
+@pytest.mark.parametrize("kind", ["sequential", "module"])
+def test_a_model_without_repeated_blocks_gets_one_stage_per_child(kind):
+    torch.manual_seed(0)
+    if kind == "sequential":
+        model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 8))
+        expected = ["0", "1", "2", "3", "4"]
+    else:
+
+        class MLP(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.fc1, self.act, self.fc2 = nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 8)
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return self.fc2(self.act(self.fc1(x)))
+
+        model = MLP()
+        expected = ["fc1", "act", "fc2"]
+    data = batches()
+    q_gptq = lowbit.quantize(model, GPTQ, calibration=data, progress=False)
+    result = q_gptq.lowbit_calibration
+    assert result.layout == "children"
+    assert [s.name for s in result.stages] == expected
+    assert output_error(model, q_gptq, data) < output_error(model, lowbit.quantize(model, RTN), data)
+
+
+def test_a_model_that_is_no_chain_is_calibrated_in_one_pass():
+    class Skip(nn.Module):  # the head reads fc1's output too: children are not a chain
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2, self.head = nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.fc1(x)
+            return self.head(h + self.fc2(h))
+
+    torch.manual_seed(0)
+    model, data = Skip(), batches()
+    q = lowbit.quantize(model, GPTQ, calibration=data, progress=False)
+    result = q.lowbit_calibration
+    assert result.layout == "model" and [s.name for s in result.stages] == ["(whole model)"]
+    assert any("one pass" in note for note in result.notes)
+    assert output_error(model, q, data) < output_error(model, lowbit.quantize(model, RTN), data)
+
+
+def test_sequential_targets_choose_the_stages():
+    torch.manual_seed(0)
+    model, data = Stack(n=2), batches()
+    recipe = Recipe(weight=GPTQ.weight, sequential_targets=("ReuseBlock",))
+    result = calibrate_weights(model, recipe, data, progress=False)
+    assert result.layout == "targets" and result.stages[0].name == "blocks.0"
+    bad = Recipe(weight=GPTQ.weight, sequential_targets=("blocks.*.a", "blocks.*.q"))
+    with pytest.raises(ValueError, match="sequential_targets cannot be calibrated one after another"):
+        calibrate_weights(Stack(n=2), bad, data, progress=False)
+    with pytest.raises(ValueError, match="match no module"):
+        calibrate_weights(Stack(n=2), Recipe(weight=GPTQ.weight, sequential_targets=("nope",)), data)
+
+
+def test_activations_spill_to_disk_past_the_budget_with_the_same_result():
+    torch.manual_seed(0)
+    model, data = Stack(n=3), batches()
+    in_memory = lowbit.quantize(model, GPTQ, calibration=data, progress=False)
+    spilled = lowbit.quantize(model, GPTQ, calibration=data, progress=False, cache_bytes=0)
+    assert sum(s.spilled_bytes for s in spilled.lowbit_calibration.stages) > 0
+    assert sum(s.spilled_bytes for s in in_memory.lowbit_calibration.stages) == 0
+    for key, value in in_memory.state_dict().items():
+        assert torch.equal(value, spilled.state_dict()[key]), key
+
+
+def test_each_stage_reports_time_and_peak_memory():
+    torch.manual_seed(0)
+    result = calibrate_weights(Stack(n=2), GPTQ, batches(), progress=False)
+    for stage in result.stages:
+        assert stage.seconds > 0 and stage.peak_memory_bytes > 0
+    assert result.stages[0].stats_bytes > 0
+    assert "blocks.0" in result.summary()
