@@ -261,8 +261,9 @@ def _tensor_entry(key: str, row: Any, layers: Any) -> dict[str, Any]:
     width = torch.empty(0, dtype=dtype).element_size()
     ints = all(isinstance(c, int) and c >= 0 for c in coding[1:])
     fits = {
-        "raw": len(coding) == 1,
-        "planes": len(coding) == 2 and ints and coding[1] <= width,
+        # As ``_encode`` writes them: one-byte tensors raw or as runs, wider ones as byte planes.
+        "raw": len(coding) == 1 and width == 1,
+        "planes": len(coding) == 2 and ints and coding[1] <= width and width > 1,
         "runs": len(coding) == 5
         and ints
         and width == 1
