@@ -724,11 +724,16 @@ def m_dtype(w: Work, d: Draw) -> str:
     return f"tensors.{key}.dtype = {new!r}"
 
 
-def m_key_rename(w: Work, d: Draw) -> str:
-    m = w.manifest()
+def _pick_mapping(d: Draw, m: Any) -> tuple[Any, dict]:
+    """A non-empty mapping somewhere in manifest ``m`` (the root included): its path and itself."""
     path = _pick(d, m, lambda p, v: isinstance(v, dict) and bool(v), root=True)
     assert path is not None
-    node = m if not path else _node(m, path)
+    return path, (m if not path else _node(m, path))
+
+
+def m_key_rename(w: Work, d: Draw) -> str:
+    m = w.manifest()
+    path, node = _pick_mapping(d, m)
     old = d.choice(list(node))
     siblings = [k for k in node if k != old]
     names = [old + "_", old.upper(), " " + old, "", d.choice(siblings) if siblings else "x", "x" * 300]
@@ -740,9 +745,7 @@ def m_key_rename(w: Work, d: Draw) -> str:
 
 def m_key_remove(w: Work, d: Draw) -> str:
     m = w.manifest()
-    path = _pick(d, m, lambda p, v: isinstance(v, dict) and bool(v), root=True)
-    assert path is not None
-    node = m if not path else _node(m, path)
+    path, node = _pick_mapping(d, m)
     key = d.choice(list(node))
     del node[key]
     w.set_manifest(m)

@@ -101,22 +101,8 @@ def test_gptq_on_a_non_integer_format_is_a_clear_error():
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_hf_causal_lm_quantize_save_load_generate(arch, tmp_path):
-    transformers = pytest.importorskip("transformers")
+    make, config = _tiny_lm_config(arch)
     torch.manual_seed(0)
-    if arch == "gpt2":
-        config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=97, n_positions=64)
-        make = transformers.GPT2LMHeadModel
-    else:
-        config = transformers.LlamaConfig(
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            hidden_size=32,
-            intermediate_size=64,
-            vocab_size=97,
-            max_position_embeddings=64,
-        )
-        make = transformers.LlamaForCausalLM
     model = make(config).eval()
     ids = torch.randint(0, 97, (2, 12))
     calibration = [{"input_ids": ids}]
@@ -139,25 +125,31 @@ def test_hf_causal_lm_quantize_save_load_generate(arch, tmp_path):
 # --- presets: embeddings and output head at a safe format -------------------------------------------
 
 
-def _tiny_lm(arch: str) -> tuple[nn.Module, list[dict[str, torch.Tensor]]]:
+def _tiny_lm_config(arch: str, **gpt2_extra: int) -> tuple[type, object]:
+    """A 2-block GPT-2 (Conv1D layers, head tied to the token embedding) or Llama (RMSNorm,
+    SwiGLU, rotary; untied head) class and config, vocabulary 97."""
     transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    if arch == "gpt2":  # Conv1D layers, output head tied to the token embedding
+    if arch == "gpt2":
         config = transformers.GPT2Config(
-            n_layer=2, n_head=2, n_embd=32, vocab_size=97, n_positions=64, bos_token_id=0, eos_token_id=0
+            n_layer=2, n_head=2, n_embd=32, vocab_size=97, n_positions=64, **gpt2_extra
         )
-        model = transformers.GPT2LMHeadModel(config)
-    else:  # RMSNorm, SwiGLU, rotary; untied head
-        config = transformers.LlamaConfig(
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            hidden_size=32,
-            intermediate_size=64,
-            vocab_size=97,
-            max_position_embeddings=64,
-        )
-        model = transformers.LlamaForCausalLM(config)
+        return transformers.GPT2LMHeadModel, config
+    config = transformers.LlamaConfig(
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        hidden_size=32,
+        intermediate_size=64,
+        vocab_size=97,
+        max_position_embeddings=64,
+    )
+    return transformers.LlamaForCausalLM, config
+
+
+def _tiny_lm(arch: str) -> tuple[nn.Module, list[dict[str, torch.Tensor]]]:
+    make, config = _tiny_lm_config(arch, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    model = make(config)
     g = torch.Generator().manual_seed(1)
     return model.eval(), [{"input_ids": torch.randint(0, 97, (4, 40), generator=g)} for _ in range(2)]
 

@@ -187,7 +187,7 @@ def _encode(t: torch.Tensor, bits: int | None) -> tuple[list[Any], dict[str, tor
     return ["raw"], {"raw": raw}
 
 
-def _stream_sizes(entry: dict[str, Any]) -> dict[str, int]:
+def stream_sizes(entry: dict[str, Any]) -> dict[str, int]:
     """Bytes that one tensor's coding (checked by ``_tensor_entry``) takes from each stream."""
     coding = entry["coding"]
     if coding[0] == "planes":
@@ -399,7 +399,7 @@ def decode_streams(
     # Stream sizes first (tensor order within a stream), then each tensor's slice of each stream.
     sizes = dict.fromkeys(STREAM_ORDER, 0)
     for entry in entries.values():
-        for stream, n in _stream_sizes(entry).items():
+        for stream, n in stream_sizes(entry).items():
             sizes[stream] += n
     if sum(sizes.values()) != payload.numel():
         raise ArtifactError(

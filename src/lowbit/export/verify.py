@@ -42,6 +42,7 @@ from lowbit.export.compact import (
     ArtifactError,
     decode_streams,
     expand_manifest,
+    stream_sizes,
     tensor_role,
 )
 from lowbit.export.manifest_schema import validate_manifest
@@ -290,10 +291,8 @@ def _check_tensor_file(directory: Path, manifest: dict[str, Any], seal: dict[str
 
 
 def _stream_bytes(entry: dict[str, Any]) -> int:
-    from lowbit.export.compact import _stream_sizes
-
     try:
-        return sum(_stream_sizes(entry).values())
+        return sum(stream_sizes(entry).values())
     except (IndexError, TypeError, KeyError) as err:
         raise ArtifactError(f"malformed tensor coding {entry.get('coding')!r} ({err})") from None
 
