@@ -8,7 +8,8 @@ SHA-256 per case to a JSON file. Run it before and after a refactor of the primi
 and compare: every hash must match.
 
     PYTHONPATH=src python bench/codec_reference.py /tmp/codec-ref-before.json
-    PYTHONPATH=src python bench/codec_reference.py /tmp/codec-ref-after.json --compare /tmp/codec-ref-before.json
+    PYTHONPATH=src python bench/codec_reference.py /tmp/codec-ref-after.json \
+        --compare /tmp/codec-ref-before.json
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ def tensor_cases(results: dict[str, str]) -> None:
     for fname in names:
         fmt = F.get(fname)
         for tname, x in tensors().items():
-            for gi, gran in enumerate(GRANULARITIES):
+            for gran in GRANULARITIES:
                 for sym in (True, False):
                     if not sym and fmt.family != "int":
                         continue

@@ -1,6 +1,7 @@
 """Number formats as data: which values a quantized number can take.
 
-A format is a small frozen dataclass, never a class hierarchy. Five families share one interface
+A format is a small frozen dataclass, never a class hierarchy. Each ``family`` has one codec
+(``lowbit.codecs``) that does its arithmetic and storage; five are built in and share one interface
 (`lowbit.primitives.quantize` / `dequantize`):
 
 - ``int``: affine integers ``intN`` / ``uintN`` (``qmin..qmax``, scale and zero point).
@@ -26,6 +27,9 @@ from functools import cache
 
 import torch
 
+from lowbit.codecs import codec_for, families
+
+# The built-in families (each registered by its module in lowbit.codecs); more can be registered.
 FAMILIES = ("int", "float", "grid", "codebook", "vector")
 
 
@@ -35,7 +39,7 @@ class Format:
 
     Attributes:
         name: registry name, e.g. ``"int4"``.
-        family: one of ``FAMILIES``.
+        family: a registered codec family (``FAMILIES`` are built in).
         bits: stored bits per code (per sub-vector for ``vector``).
         signed: integer formats only: whether codes are signed.
         qmin, qmax: integer formats only: the code range.
@@ -62,8 +66,10 @@ class Format:
     vector_dim: int = 1
 
     def __post_init__(self) -> None:
-        if self.family not in FAMILIES:
-            raise ValueError(f"format {self.name!r}: family must be one of {FAMILIES}, got {self.family!r}")
+        if self.family not in families():
+            raise ValueError(
+                f"format {self.name!r}: family must be one of {families()}, got {self.family!r}"
+            )
         if not 1 <= self.bits <= 16:
             raise ValueError(f"format {self.name!r}: bits must be in 1..16, got {self.bits}")
 
@@ -87,17 +93,12 @@ class Format:
     @property
     def code_dtype(self) -> torch.dtype:
         """Smallest torch dtype that holds unpacked codes of this format."""
-        if self.family == "float":
-            assert self.torch_dtype is not None
-            return self.torch_dtype
-        if self.family == "int" and self.signed:
-            return torch.int8
-        return torch.uint8 if self.bits <= 8 else torch.int16
+        return codec_for(self).code_dtype(self)
 
     @property
     def packable(self) -> bool:
         """Whether codes can be bit-packed (everything except the float casts)."""
-        return self.family != "float" and self.bits <= 8
+        return codec_for(self).packable(self)
 
 
 # --- builders -----------------------------------------------------------------------------------
@@ -216,6 +217,8 @@ def get(name: str) -> Format:
     key = name.strip().lower()
     if key in _FIXED:
         return _FIXED[key]
+    if key in _REGISTERED:
+        return _REGISTERED[key]
     for pattern, build in _PATTERNS:
         m = re.fullmatch(pattern, key)
         if m:
@@ -234,9 +237,34 @@ def names() -> list[str]:
     out += [f"log2_{b}" for b in range(2, 9)]
     out += [f"kmeans_{b}" for b in range(1, 9)] + [f"quantile_{b}" for b in range(1, 9)]
     out += ["pq"]
-    return out
+    return out + list(_REGISTERED)
+
+
+# Formats added at run time by ``register`` (a codec family defined outside this package).
+_REGISTERED: dict[str, Format] = {}
+
+
+def register(fmt: Format) -> Format:
+    """Make ``get(fmt.name)`` return ``fmt`` (recipes, artifacts and the CLI find formats by name).
+
+    The name must be new and lower case; the family must have a codec (``lowbit.codecs.register``).
+
+    >>> register(get("int4"))
+    Traceback (most recent call last):
+    ...
+    ValueError: format name 'int4' is taken; pick another name
+    """
+    name = fmt.name
+    if name != name.strip().lower() or not name:
+        raise ValueError(f"format names are non-empty lower case without spaces, got {name!r}")
+    try:
+        get(name)
+    except ValueError:
+        _REGISTERED[name] = fmt
+        return fmt
+    raise ValueError(f"format name {name!r} is taken; pick another name")
 
 
 def storage_bits(fmt: Format) -> float:
     """Stored bits per parameter for the codes alone (scales and codebooks not included)."""
-    return fmt.bits / fmt.vector_dim
+    return codec_for(fmt).storage_bits(fmt)

@@ -31,10 +31,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowbit import formats, packing
+from lowbit import formats
 from lowbit import granularity as gran
+from lowbit.codecs import codec_for
 from lowbit.formats import Format
-from lowbit.granularity import Granularity, blocked_shape
+from lowbit.granularity import Granularity
 from lowbit.primitives import QParams, check_finite, dequantize, quantize
 
 
@@ -87,10 +88,7 @@ class QuantizedWeight(nn.Module):
         g = gran.parse(granularity)
         w = w.detach()
         check_finite(w, what)
-        if fmt.family == "vector" and w.dim() < 2:
-            raise ValueError(
-                f"{what}: product quantization needs a 2-D (or conv) weight, got {tuple(w.shape)}"
-            )
+        codec_for(fmt).check_weight(w, fmt, what)
         qp = qparams if qparams is not None else choose_qparams(w, fmt, g, symmetric)
         codes = quantize(w, fmt, qp)
         return cls.from_codes(codes, fmt, qp, g, symmetric, tuple(w.shape))
@@ -107,20 +105,12 @@ class QuantizedWeight(nn.Module):
     ) -> QuantizedWeight:
         """Wrap codes already produced by ``lowbit.primitives.quantize`` (or an algorithm) and pack them."""
         fmt = _as_format(fmt)
+        codec = codec_for(fmt)
         qw = cls(fmt, granularity, symmetric, shape, qparams.block)
-        device = codes.device
-        if fmt.family == "float":
-            qw.register_buffer("packed", codes.to(fmt.torch_dtype).contiguous())
-            return qw
-        unsigned = packing.to_unsigned(codes, fmt.qmin) if fmt.family == "int" else codes.to(torch.uint8)
-        qw.register_buffer("packed", packing.pack(unsigned, fmt.bits))
-        if fmt.family != "vector":
-            qw.register_buffer("scale", qparams.scale.float().to(device).contiguous())
-        if qparams.zero_point is not None:
-            zp = qparams.zero_point.to(device)
-            qw.register_buffer("zero_point", zp.to(fmt.code_dtype).contiguous())
-        if qparams.codebook is not None:
-            qw.register_buffer("codebook", qparams.codebook.float().to(device).contiguous())
+        # Registration order is state_dict order, which is the artifact's tensor order.
+        qw.register_buffer("packed", codec.store_codes(codes, fmt))
+        for name, tensor in codec.param_buffers(qparams, fmt, codes.device).items():
+            qw.register_buffer(name, tensor)
         return qw
 
     @classmethod
@@ -137,24 +127,9 @@ class QuantizedWeight(nn.Module):
 
     def expected_buffers(self, has_zero_point: bool) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Name -> (shape, dtype) of every buffer this weight stores; used to validate artifacts."""
-        fmt, shape = self.fmt, self.shape
-        if fmt.family == "float":
-            assert fmt.torch_dtype is not None
-            return {"packed": (shape, fmt.torch_dtype)}
-        numel = self.code_count
-        out: dict[str, tuple[tuple[int, ...], torch.dtype]] = {
-            "packed": ((packing.packed_nbytes(numel, fmt.bits),), torch.uint8)
-        }
-        if fmt.family == "vector":
-            rows, cols = _matrix_shape(shape)
-            out["codebook"] = ((math.ceil(cols / fmt.vector_dim), fmt.levels, fmt.vector_dim), torch.float32)
-            return out
-        bshape = blocked_shape(shape, self.block)
-        out["scale"] = (bshape, torch.float32)
-        if has_zero_point:
-            out["zero_point"] = (bshape, fmt.code_dtype)
-        if fmt.family == "codebook":
-            out["codebook"] = ((*bshape, fmt.levels), torch.float32)
+        codec = codec_for(self.fmt)
+        out = {"packed": codec.code_buffer(self.fmt, self.shape)}
+        out.update(codec.expected_params(self.fmt, self.shape, self.block, has_zero_point))
         return out
 
     # --- reading ------------------------------------------------------------------------------------
@@ -162,10 +137,7 @@ class QuantizedWeight(nn.Module):
     @property
     def code_count(self) -> int:
         """Number of stored codes (values, or sub-vectors for product quantization)."""
-        if self.fmt.family == "vector":
-            rows, cols = _matrix_shape(self.shape)
-            return rows * math.ceil(cols / self.fmt.vector_dim)
-        return math.prod(self.shape)
+        return codec_for(self.fmt).code_count(self.fmt, self.shape)
 
     def qparams(self) -> QParams:
         """The ``QParams`` these buffers describe (for ``lowbit.primitives.dequantize``)."""
@@ -173,23 +145,14 @@ class QuantizedWeight(nn.Module):
         if scale is None:
             scale = torch.ones((), device=self.packed.device)
         zp = getattr(self, "zero_point", None)
-        block = self.shape if self.fmt.family == "vector" else self.block
+        block = codec_for(self.fmt).stored_block(self.fmt, self.shape, self.block)
         return QParams(
             scale, None if zp is None else zp.to(torch.int32), block, getattr(self, "codebook", None)
         )
 
     def codes(self) -> torch.Tensor:
         """Unpacked codes, as ``lowbit.primitives.quantize`` returned them."""
-        fmt = self.fmt
-        if fmt.family == "float":
-            return self.packed
-        flat = packing.unpack(self.packed, fmt.bits, self.code_count)
-        if fmt.family == "int":
-            flat = packing.from_unsigned(flat, fmt.qmin, fmt.code_dtype)
-        if fmt.family == "vector":
-            rows, cols = _matrix_shape(self.shape)
-            return flat.reshape(rows, -1)
-        return flat.reshape(self.shape)
+        return codec_for(self.fmt).load_codes(self.packed, self.fmt, self.shape)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight these codes stand for (shape ``self.shape``)."""
@@ -204,25 +167,8 @@ class QuantizedWeight(nn.Module):
         >>> torch.equal(qw.dequantize_rows(idx), qw.dequantize()[idx])
         True
         """
-        fmt = self.fmt
-        rows_own_params = (
-            len(self.shape) == 2 and self.block[0] == 1 and fmt.family in ("int", "grid", "codebook")
-        )
-        if fmt.family == "float":
-            return self.packed[index].to(dtype)
-        if not rows_own_params or 8 % fmt.bits or (self.shape[1] * fmt.bits) % 8:
-            return self.dequantize(dtype)[index]
-        rows, cols = self.shape
-        flat = index.reshape(-1)
-        row_bytes = self.packed.reshape(rows, cols * fmt.bits // 8)[flat].reshape(-1)
-        codes = packing.unpack(row_bytes, fmt.bits, flat.numel() * cols)
-        if fmt.family == "int":
-            codes = packing.from_unsigned(codes, fmt.qmin, fmt.code_dtype)
-        qp = self.qparams()
-        pick = lambda t: None if t is None else t[flat]  # noqa: E731
-        sub = QParams(pick(qp.scale), pick(qp.zero_point), self.block, pick(qp.codebook))
-        values = dequantize(codes.reshape(flat.numel(), cols), fmt, sub, dtype=dtype)
-        return values.reshape(*index.shape, cols)
+        values = codec_for(self.fmt).read_rows(self, index, dtype)
+        return self.dequantize(dtype)[index] if values is None else values
 
     @property
     def stored_bytes(self) -> int:
@@ -257,15 +203,6 @@ class QuantizedWeight(nn.Module):
         return (
             f"{self.fmt.name}, {self.granularity}, shape={self.shape}, {self.bits_per_param:.2f} bits/param"
         )
-
-
-def _matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
-    """Rows and columns of a weight seen as a matrix (conv kernels flattened per output channel)."""
-    if len(shape) == 0:
-        return 1, 1
-    if len(shape) == 1:
-        return 1, shape[0]
-    return shape[0], math.prod(shape[1:])
 
 
 def _granularity_text(g: Granularity) -> str:
