@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from lowbit.codecs import codec_for
 from lowbit.formats import Format
 from lowbit.granularity import Granularity, block_dims, to_blocks
 from lowbit.primitives import QParams, choose_qparams, dequantize, quantize
@@ -37,7 +38,8 @@ def choose_weight_qparams(
 ) -> QParams:
     """Quantization parameters for a weight: full range (``rtn``) or MSE-searched clipping (``mse``).
 
-    Formats that learn their grid (codebooks, product quantization) and casts have nothing to clip:
+    Formats that learn their grid (codebooks, product quantization) and casts have nothing to clip
+    (their codec does not ``takes_range``):
     they always take ``choose_qparams``'s parameters.
 
     >>> import lowbit.formats as F
@@ -48,7 +50,7 @@ def choose_weight_qparams(
     >>> float(mse.scale) < float(rtn.scale)  # clipping the few large values pays off at 3 bits
     True
     """
-    if algorithm == "rtn" or fmt.family not in ("int", "grid") or w.numel() == 0:
+    if algorithm == "rtn" or not codec_for(fmt).takes_range or w.numel() == 0:
         return choose_qparams(w, fmt, granularity, symmetric)
     if algorithm != "mse":
         raise ValueError(f"unknown weight algorithm {algorithm!r}; use 'rtn' or 'mse'")

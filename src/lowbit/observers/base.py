@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 import torch
 
 from lowbit import formats
+from lowbit.codecs import codec_for
 from lowbit.formats import Format
 from lowbit.primitives import QParams, check_finite, qparams_from_range
 
@@ -92,7 +93,7 @@ class Observer:
         fmt = formats.get(fmt) if isinstance(fmt, str) else fmt
         if self.count == 0 or self.block is None:
             raise ValueError("observer saw no data; pass at least one calibration batch")
-        if fmt.family not in ("int", "grid") or fmt.scale_rule != "absmax":
+        if not codec_for(fmt).takes_range or fmt.scale_rule != "absmax":
             raise ValueError(
                 f"observers calibrate integer and absmax-scaled grid formats (int8, uint8, fp8_e4m3, ...); "
                 f"{fmt.name} takes its parameters from the data itself, use lowbit.primitives.choose_qparams"

@@ -33,6 +33,7 @@ from torch import nn
 from lowbit import formats, observers
 from lowbit import granularity as gran
 from lowbit.algorithms.rtn import choose_weight_qparams
+from lowbit.codecs import codec_for
 from lowbit.granularity import expand_params, from_blocks, to_blocks
 from lowbit.primitives import EPS, QParams, dequantize, fake_quantize, qparams_from_range, quantize
 from lowbit.recipes.spec import ActivationSpec, WeightSpec
@@ -85,7 +86,7 @@ class WeightFakeQuant(nn.Module):
         self.spec = spec
         self.name = name
         self.fmt = formats.get(spec.format)
-        if self.fmt.family not in ("int", "grid"):
+        if not codec_for(self.fmt).takes_range:  # QAT learns / tracks a range per block
             raise ValueError(
                 f"layer {name or '?'}: QAT supports integer and grid formats (int4, ternary, fp8...), "
                 f"not {spec.format!r}; quantize codebook / float formats after training instead"

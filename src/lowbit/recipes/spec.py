@@ -17,6 +17,7 @@ import yaml
 
 from lowbit import formats
 from lowbit import granularity as gran
+from lowbit.codecs import codec_for
 from lowbit.recipes import schema
 
 RECIPE_VERSION = 1
@@ -88,7 +89,7 @@ class ActivationSpec:
         if self.mode == "none":
             return
         fmt = formats.get(self.format)
-        if fmt.family not in ("int", "grid"):
+        if not codec_for(fmt).takes_range:  # activations are calibrated as ranges
             raise ValueError(f"activations can use integer or fp8 formats, not {self.format!r}")
         g = gran.parse(self.granularity)
         if not isinstance(g, (gran.PerTensor, gran.PerToken)):
