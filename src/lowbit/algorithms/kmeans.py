@@ -1,11 +1,10 @@
 """Moved to ``lowbit.codecs.kmeans1d`` (the codebook codec's learner, a leaf below the primitives).
 
-This name is an alias of that module (the same module object, so patching its constants here
-patches them there) for code that imports ``lowbit.algorithms.kmeans``.
+Kept so that ``lowbit.algorithms.kmeans`` still works: every name read or set here is that
+module's (patching ``DP_BUDGET`` here patches the learner).
 """
 
-import sys
-
+from lowbit._alias import alias
 from lowbit.codecs import kmeans1d
 
-sys.modules[__name__] = kmeans1d
+alias(__name__, kmeans1d)

@@ -1,11 +1,9 @@
 """Moved to ``lowbit.codecs.product`` (the product-quantization codec and its k-means).
 
-This name is an alias of that module (the same module object) for code that imports
-``lowbit.algorithms.pq``.
+Kept so that ``lowbit.algorithms.pq`` still works: every name read or set here is that module's.
 """
 
-import sys
-
+from lowbit._alias import alias
 from lowbit.codecs import product
 
-sys.modules[__name__] = product
+alias(__name__, product)

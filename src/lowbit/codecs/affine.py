@@ -6,9 +6,9 @@ Signed codes are stored shifted to ``0..qmax-qmin`` so every width packs alike.
 
 >>> import torch, lowbit.formats as F
 >>> from lowbit.primitives import choose_qparams, quantize
->>> x = torch.tensor([-1.0, 0.5])
+>>> x = torch.tensor([-1.0, 0.3])
 >>> quantize(x, F.get("int4"), choose_qparams(x, F.get("int4")))
-tensor([-7,  4], dtype=torch.int8)
+tensor([-7,  2], dtype=torch.int8)
 """
 
 from __future__ import annotations

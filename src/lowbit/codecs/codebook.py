@@ -6,7 +6,7 @@ as ``codebook`` ``[*blocks, 2**bits]`` next to a scale of ones (kept for a unifo
 >>> import torch, lowbit.formats as F
 >>> from lowbit.primitives import choose_qparams
 >>> choose_qparams(torch.tensor([[0.0, 0.1, 5.0, 5.2]]), F.get("kmeans_1")).codebook.tolist()
-[[0.05000000074505806, 5.099999904632568]]
+[[[0.05000000074505806, 5.099999904632568]]]
 """
 
 from __future__ import annotations

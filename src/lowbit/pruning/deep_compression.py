@@ -36,7 +36,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from lowbit.algorithms.kmeans import learn_grid
+from lowbit.codecs.kmeans1d import learn_grid
 from lowbit.export.artifact import save
 from lowbit.nn.layers import QuantizedRNN, linear_weight
 from lowbit.nn.qweight import QuantizedWeight
