@@ -29,7 +29,7 @@ import lowbit.formats as F
 from lowbit.algorithms.rtn import choose_weight_qparams
 from lowbit.granularity import PerChannel, PerGroup, PerTensor, PerToken
 from lowbit.nn.qweight import QuantizedWeight
-from lowbit.primitives import choose_qparams, dequantize, fake_quantize, quantize
+from lowbit.primitives import choose_qparams, dequantize, fake_quantize, qparams_from_range, quantize
 
 EXTRA_FORMATS = ["pq_4x2", "pq_2x3", "pq_8x1", "pq_4x4"]
 GRANULARITIES = [PerTensor(), PerChannel(0), PerChannel(-1), PerGroup(4), PerGroup(32), PerToken()]
@@ -119,6 +119,24 @@ def tensor_cases(results: dict[str, str]) -> None:
                         results[key] = f"error {type(e).__name__}: {e}"
 
 
+def range_cases(results: dict[str, str]) -> None:
+    """``qparams_from_range`` (the observers' path) for every format, errors included."""
+    g = torch.Generator().manual_seed(77)
+    lo, hi = -torch.rand(3, 4, generator=g) * 3, torch.rand(3, 4, generator=g)
+    ranges = {"mixed": (lo, hi), "positive": (hi * 0.1, hi), "huge": (lo * 1e38, hi * 3e38)}
+    for fname in F.names() + EXTRA_FORMATS:
+        fmt = F.get(fname)
+        for sym in (True, False):
+            for what, (a, b) in ranges.items():
+                key = f"range/{fname}/{what}/{'sym' if sym else 'asym'}"
+                try:
+                    qp = qparams_from_range(a, b, fmt, (1, 8), sym)
+                    results[key] = digest(qp.scale, qp.zero_point, qp.block, qp.codebook, fmt.code_dtype)
+                except Exception as e:
+                    results[key] = f"error {type(e).__name__}: {e}"
+        results[f"props/{fname}"] = digest(fmt.code_dtype, fmt.packable, F.storage_bits(fmt), fmt.levels)
+
+
 def one_case(x: torch.Tensor, fmt: F.Format, gran, sym: bool) -> str:
     qp = choose_qparams(x, fmt, gran, sym)
     codes = quantize(x, fmt, qp)
@@ -202,6 +220,7 @@ def main() -> int:
     torch.set_num_threads(1)
     results: dict[str, str] = {}
     tensor_cases(results)
+    range_cases(results)
     if not args.no_models:
         model_cases(results)
     Path(args.out).write_text(json.dumps(results, indent=0, sort_keys=True))
