@@ -45,6 +45,7 @@ from lowbit.export.onnx_lower import (
     lower_embedding,
     lower_linear,
 )
+from lowbit.modelcheck import require_module
 from lowbit.nn.base import QuantizedModule
 from lowbit.nn.layers import QuantizedConv, QuantizedEmbedding, QuantizedLinear, QuantizedRNN
 
@@ -237,6 +238,7 @@ def export_onnx(
     >>> r.layers[0].kernel, r.layers[0].precision
     ('MatMulNBits', 'int4')
     """
+    require_module(qmodel, "export_onnx")
     options = options or ExportOptions()
     path = Path(path)
     # Logical parameter count (float params + every packed weight's values), for bits/param checks.

@@ -29,6 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.errors import DataError
+from lowbit.modelcheck import require_module
 from lowbit.nn.activation import ActivationQuantizer
 from lowbit.nn.base import QuantizedModule
 from lowbit.nn.layers import QUANTIZED_CLASSES
@@ -64,6 +65,7 @@ def prepare(
     in a planned layer, or saturation the recipe does not allow raise ``ModelError`` (see
     ``lowbit.ptq.checks``).
     """
+    require_module(model, "prepare")
     recipe = resolve(recipe)
     if not inplace:
         model = copy.deepcopy(model)
