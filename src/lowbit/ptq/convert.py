@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -107,7 +107,7 @@ def to_device(batch: Any, device: torch.device) -> Any:
     """Move a batch (tensor, tuple / list, dict of tensors) to ``device``; other values pass through."""
     if isinstance(batch, torch.Tensor):
         return batch.to(device)
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):  # a dict or a BatchEncoding: a plain dict either way
         return {k: to_device(v, device) for k, v in batch.items()}
     if isinstance(batch, (tuple, list)):
         return type(batch)(to_device(v, device) for v in batch)
