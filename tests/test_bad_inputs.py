@@ -415,3 +415,29 @@ def test_cli_maps_the_error_types_from_any_verb(capsys, monkeypatch, tmp_path):
     monkeypatch.setattr(lowbit.cli.artifacts, "_model", fail)  # raised outside the usual wrappers
     code, line = _cli(capsys, "quantize", "m", "--recipe", "int8-dynamic", "-o", str(tmp_path / "o"))
     assert code == 2 and line == "lowbit quantize: error: layer fc has parameters on the meta device"
+
+
+# --- unsigned weight formats ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["uint4", "uint8", "uint1"])
+def test_unsigned_symmetric_weights_are_refused_with_the_fix(fmt):
+    from lowbit.recipes import WeightSpec
+
+    with pytest.raises(lowbit.RecipeError, match=rf"{fmt} with symmetric: true .*symmetric: false"):
+        WeightSpec(format=fmt, symmetric=True)
+    with pytest.raises(lowbit.RecipeError, match="symmetric: false"):
+        lowbit.recipes.resolve({"weight": {"format": fmt, "symmetric": True}})
+
+
+def test_unsigned_weights_default_to_a_fitted_zero_point():
+    """Before, ``{"format": "uint4"}`` meant symmetric uint4 and zeroed every negative weight."""
+    from lowbit.recipes import WeightSpec
+
+    assert WeightSpec(format="uint4").symmetric is False and WeightSpec(format="int4").symmetric is True
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 8))
+    q = lowbit.quantize(model, {"weight": {"format": "uint4", "granularity": "group:32"}})
+    x = torch.randn(4, 32)
+    cos = nn.functional.cosine_similarity(q(x).flatten(), model(x).flatten(), dim=0)
+    assert cos > 0.98

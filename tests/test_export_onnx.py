@@ -214,3 +214,114 @@ def test_export_report_is_json_ready(tmp_path):
     assert data["file_bytes"] > 0 and len(data["layers"]) == 2
     assert "storage-only" in report.to_text()
     assert np.isfinite(report.file_bytes)
+
+
+# --- inputs as users have them (Hugging Face dict inputs, flags, ModelOutput) -----------------------
+
+
+def _hf_model(arch: str) -> nn.Module:
+    from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    small = dict(vocab_size=96, num_hidden_layers=2, num_attention_heads=2)
+    if arch == "bert":
+        cfg = BertConfig(hidden_size=32, intermediate_size=64, max_position_embeddings=64, **small)
+        return BertModel(cfg).eval()
+    if arch == "gpt2":
+        cfg = GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=2, n_positions=64)
+        return GPT2LMHeadModel(cfg).eval()
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_key_value_heads=1, max_position_embeddings=64,
+                      **small)  # fmt: skip
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2", "llama"])
+@pytest.mark.parametrize("with_mask", [True, False])
+def test_hf_models_export_with_dict_inputs_and_full_outputs(tmp_path, arch, with_mask):
+    pytest.importorskip("transformers")
+    from lowbit.runtime import load
+
+    model = _hf_model(arch)
+    q = lowbit.quantize(model, "int8-dynamic", progress=False)
+    ids = torch.randint(0, 96, (2, 10))
+    example = {"input_ids": ids, "attention_mask": torch.ones_like(ids)} if with_mask else {"input_ids": ids}
+    report = lowbit.export_onnx(q, tmp_path / "m.onnx", example)
+    assert report.warnings == []
+    ort = load(tmp_path / "m.onnx")
+    assert ort.input_names == list(example)
+    # Another batch size and length than the example, padded: the axes stay free.
+    ids2 = torch.randint(0, 96, (3, 7))
+    feed = {"input_ids": ids2}
+    if with_mask:
+        mask = torch.ones_like(ids2)
+        mask[1, 5:] = 0
+        feed["attention_mask"] = mask
+    out = ort(**feed)
+    out = out[0] if isinstance(out, tuple) else out
+    with torch.no_grad():
+        ref = q(**feed)
+    ref = ref.last_hidden_state if arch == "bert" else ref.logits  # (B, T, vocab) for the causal LMs
+    assert out.shape == ref.shape
+    # Per-token int8 codes may round differently in ORT at a few positions: small, not systematic.
+    assert (out - ref).abs().max() < 2e-2 * ref.abs().max()
+    assert nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0) > 0.9999
+
+
+def test_a_batch_encoding_is_an_example_like_a_dict(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    model = _hf_model("bert")
+    ids = torch.randint(0, 96, (2, 6))
+    example = transformers.BatchEncoding({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    report = lowbit.export_onnx(lowbit.quantize(model, "int8-dynamic", progress=False), tmp_path / "m.onnx",
+                                example)  # fmt: skip
+    assert report.file_bytes > 0
+
+
+def test_dict_inputs_that_are_not_arguments_are_named(tmp_path):
+    pytest.importorskip("transformers")
+    q = lowbit.quantize(_hf_model("gpt2"), "int8-dynamic", progress=False)
+    with pytest.raises(ValueError, match=r"\['input_idz'\] are not arguments of GPT2LMHeadModel.forward"):
+        lowbit.export_onnx(q, tmp_path / "m.onnx", {"input_idz": torch.zeros(1, 4, dtype=torch.long)})
+
+
+class _PoolOverHeight(nn.Module):
+    """A text-recogniser front: adaptive pooling to (None, 1) needs static shapes in ONNX."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d((None, 1))
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(torch.relu(self.conv(x))).squeeze(-1).transpose(1, 2))
+
+
+def test_static_fallback_when_free_axes_cannot_export(tmp_path):
+    from lowbit.runtime import load
+
+    torch.manual_seed(0)
+    q = lowbit.quantize(_PoolOverHeight().eval(), "int8-dynamic", progress=False)
+    x = torch.randn(2, 1, 16, 20)
+    with pytest.warns(UserWarning, match="exported with static shapes"):
+        report = lowbit.export_onnx(q, tmp_path / "a.onnx", x)
+    assert "adaptive pooling" in report.warnings[0]
+    out = load(tmp_path / "a.onnx")(x)
+    assert out.shape == (2, 16, 5) and (out - q(x)).abs().max() < 1e-2
+    quiet = lowbit.export_onnx(q, tmp_path / "b.onnx", x, dynamic="none")
+    assert quiet.warnings == []
+
+
+def test_dynamic_axes_are_an_option(tmp_path):
+    from lowbit.runtime import load
+
+    q = lowbit.quantize(nn.Sequential(nn.Linear(8, 4)), "int8-dynamic", progress=False)
+    lowbit.export_onnx(q, tmp_path / "s.onnx", torch.randn(2, 8), dynamic="none")
+    static = load(tmp_path / "s.onnx")
+    assert [d for d in static.session.get_inputs()[0].shape] == [2, 8]
+    lowbit.export_onnx(q, tmp_path / "d.onnx", torch.randn(2, 8), dynamic={"input": {0: "rows"}})
+    assert load(tmp_path / "d.onnx").session.get_inputs()[0].shape[0] == "rows"
+    with pytest.raises(ValueError, match="dynamic must be one of"):
+        lowbit.export_onnx(q, tmp_path / "x.onnx", torch.randn(2, 8), dynamic="sometimes")
+    with pytest.raises(ValueError, match="not inputs"):
+        lowbit.export_onnx(q, tmp_path / "x.onnx", torch.randn(2, 8), dynamic={"nope": {0: "b"}})

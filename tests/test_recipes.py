@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 import lowbit.recipes as R
@@ -72,3 +74,24 @@ def test_bad_values_are_clear():
         R.resolve("int7-magic")
     with pytest.raises(ValueError, match="version 2 is not supported"):
         Recipe.from_dict({"version": 2})
+
+
+def test_with_overrides_adjusts_a_preset_in_one_call():
+    import lowbit.recipes as R
+
+    base = R.get("int4-gptq")
+    r = R.with_overrides(
+        "int4-gptq",
+        exclude=["lm_head"],
+        weight={"granularity": "group:64"},
+        overrides=[LayerRule("*.down_proj", weight=WeightSpec(format="int8"))],
+        bias_correction=True,
+    )
+    assert r.name == "int4-gptq+overrides" and r.bias_correction
+    assert r.exclude == (*base.exclude, "lm_head")
+    assert r.weight == dataclasses.replace(base.weight, granularity="group:64")
+    assert r.overrides[-1].pattern == "*.down_proj" and r.overrides[-1].weight.format == "int8"
+    assert Recipe.from_dict(r.to_dict()) == r
+    assert R.get("int4-gptq") == base  # the preset itself is unchanged
+    with pytest.raises(R.RecipeError, match="unknown key .formt. in recipe.weight"):
+        R.with_overrides("int4-gptq", weight={"formt": "int4"})

@@ -14,6 +14,7 @@ from lowbit.api import calibrate, convert, load, prepare, quantize, save, size_r
 from lowbit.distill import DistillationLoss, distill  # noqa: E402
 from lowbit.errors import ArtifactError, DataError, ModelError, RecipeError  # noqa: E402
 from lowbit.eval.evaluate import evaluate  # noqa: E402
+from lowbit.from_sklearn import from_sklearn  # noqa: E402
 from lowbit.recipes import Recipe  # noqa: E402
 
 __all__ = [
@@ -28,6 +29,8 @@ __all__ = [
     "convert",
     "distill",
     "evaluate",
+    "export_onnx",
+    "from_sklearn",
     "load",
     "prepare",
     "pruning",
@@ -39,3 +42,12 @@ __all__ = [
     "size_report",
     "train",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # ONNX export imports onnx and onnxruntime: only when it is first used.
+    if name == "export_onnx":
+        from lowbit.export.onnx import export_onnx
+
+        return export_onnx
+    raise AttributeError(f"module 'lowbit' has no attribute {name!r}")

@@ -18,6 +18,7 @@ from torch import nn
 
 from lowbit.errors import DataError
 from lowbit.export.artifact import load, save
+from lowbit.modelcheck import require_module
 from lowbit.ptq.checks import check_calibration, check_model
 from lowbit.ptq.convert import calibrate, convert, prepare
 from lowbit.ptq.modifiers import DATA_AWARE, check_sequence
@@ -51,6 +52,7 @@ def quantize(
     constant: no input varies), ``ModelError`` (meta-device parameters, NaN / Inf in a weight or
     bias, ``fp16`` / ``bf16`` overflow unless the recipe sets ``allow_saturation``).
     """
+    require_module(model, "quantize")
     recipe = resolve(recipe)
     if calibration is not None and not isinstance(calibration, (list, tuple)):
         calibration = list(calibration)  # it may be read twice (weight algorithm, then activations)

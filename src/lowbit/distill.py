@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from lowbit.eval.metrics import output_tensor
+from lowbit.modelcheck import require_module
 from lowbit.train import FitResult, fit
 from lowbit.zoo.base import call_model
 
@@ -159,6 +160,7 @@ def distill(
     >>> distill(student, teacher, batches(x, y, 8), epochs=1, progress=False).epochs
     1
     """
+    require_module(student, "distill")
     loss = DistillationLoss(teacher, temperature, alpha, features, feature_weight)
     try:
         return fit(student, train_data, val_data, loss, **fit_options)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -225,7 +225,7 @@ def halve_batch(batch: Any) -> tuple[Any, Any]:
             raise ValueError("cannot hold out part of a one-example batch: pass holdout=... or more data")
         h = batch.shape[0] // 2
         return batch[:h], batch[h:]
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):
         halves = {k: halve_batch(v) for k, v in batch.items()}
         return {k: v[0] for k, v in halves.items()}, {k: v[1] for k, v in halves.items()}
     if isinstance(batch, (tuple, list)):

@@ -54,6 +54,7 @@ from lowbit.analysis.common import (
     swapped,
 )
 from lowbit.analysis.result import FrontierPoint, LayerChoice, SearchResult
+from lowbit.modelcheck import require_module
 from lowbit.nn.base import QuantizedModule
 from lowbit.ptq.convert import set_submodule
 from lowbit.ptq.plan import LayerPlan, plan_model
@@ -135,6 +136,7 @@ def search(
         result.recipe.save("searched.yaml"); print(result.to_markdown())
         lowbit.save(result.model, "out/")          # or lowbit.quantize(float_model, result.recipe)
     """
+    require_module(model, "search")
     started = time.perf_counter()
     deadline = None if budget_minutes is None else started + 60.0 * budget_minutes
     if max_drop is None and target_bits is None and target_size is None:

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from lowbit.analysis.common import Evaluator, human_bytes, split_data
 from lowbit.analysis.plots import bar_chart_png
 from lowbit.eval.metrics import output_tensor, sqnr_db
+from lowbit.modelcheck import require_module
 from lowbit.nn.base import QuantizedModule
 from lowbit.nn.layers import is_hf_conv1d
 from lowbit.ptq.convert import model_device, to_device
@@ -164,6 +165,7 @@ def sensitivity(
         report = sensitivity(zm.model, zm.eval_data, zm.metric, "int4-weight-only")
         print(report.to_markdown()); open("sens.png", "wb").write(report.plot_png())
     """
+    require_module(model, "sensitivity")
     from lowbit.api import quantize
 
     started = time.perf_counter()

@@ -38,6 +38,7 @@ from lowbit.eval.latency import Latency, compare_latency
 from lowbit.eval.layers import LayerError, layer_errors
 from lowbit.eval.metrics import METRICS, cosine_per_row, metric_drop, model_outputs, mse, sqnr_db, task_score
 from lowbit.export.artifact import MANIFEST_FILE, load, save
+from lowbit.modelcheck import require_module
 from lowbit.size import SizeReport, size_report
 
 
@@ -232,6 +233,8 @@ def evaluate(
     ``ort=True`` adds ONNX Runtime latency of both models exported (``lowbit.eval.ort``), when the
     ONNX extras are installed.
     """
+    require_module(float_model, "evaluate")
+    require_module(qmodel, "evaluate")
     started = time.perf_counter()
     data = list(data)
     if not data:

@@ -62,6 +62,7 @@ from lowbit.export.verify import (
     read_manifest,
     read_tensors,
 )
+from lowbit.modelcheck import require_module
 from lowbit.nn.base import QuantizedModule
 from lowbit.nn.layers import QUANTIZED_CLASSES
 from lowbit.ptq.convert import set_submodule
@@ -142,6 +143,7 @@ def save(
     ``"none"``. An existing artifact directory is replaced as a whole; any other non-empty
     directory is refused with ``ArtifactError`` unless ``force=True``.
     """
+    require_module(model, "save")
     if compression is None:
         compression = getattr(model, "lowbit_compression", "none")
     if compression not in COMPRESSIONS:
@@ -224,6 +226,7 @@ def load(
     Raises ``ArtifactError`` (a ``ValueError``) naming the file, tensor or layer at fault when the
     artifact is corrupt, truncated, tampered with, or made from a different architecture.
     """
+    require_module(model, "load")
     manifest = read_manifest(directory, allow_unsealed=allow_unsealed, verify_seal=verify_seal)
     recipe = manifest_recipe(manifest)
     params = list(model.parameters()) + list(model.buffers())

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import inspect
 import io
 import json
 import warnings
@@ -34,6 +33,7 @@ import torch
 from onnx import helper
 from torch import nn
 
+from lowbit.export.onnx_inputs import CallAdapter, CallSpec, flat_outputs
 from lowbit.export.onnx_lower import (
     MS,
     Builder,
@@ -45,6 +45,7 @@ from lowbit.export.onnx_lower import (
     lower_embedding,
     lower_linear,
 )
+from lowbit.modelcheck import require_module
 from lowbit.nn.base import QuantizedModule
 from lowbit.nn.layers import QuantizedConv, QuantizedEmbedding, QuantizedLinear, QuantizedRNN
 
@@ -139,6 +140,8 @@ class _LayerOp(torch.autograd.Function):
         sizes = [None] * (len(marker.out_shape) - 1) + [marker.out_shape[-1]]
         if isinstance(marker.layer[0], QuantizedConv):
             sizes = [None, marker.out_shape[1]] + [None] * (len(marker.out_shape) - 2)
+        if marker.static:  # a static export: every size is known (adaptive pooling needs them)
+            sizes = list(marker.out_shape)
         y.setType(x.type().with_dtype(torch.float32).with_sizes(sizes))
         return y
 
@@ -149,6 +152,7 @@ class _Marker(nn.Module):
         self.index = index
         self.layer = [layer]  # a list: not a submodule, so its buffers are not exported as inputs
         self.out_shape: tuple[int, ...] = ()
+        self.static = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _LayerOp.apply(x, self.index, self)
@@ -182,36 +186,23 @@ def _resolve_u8u8(options: ExportOptions) -> bool:
     return cpu_features().int8_saturates
 
 
-def _as_inputs(model: nn.Module, example_inputs: Any) -> tuple[tuple[Any, ...], list[str]]:
-    """Positional example inputs and their names (dict batches follow ``forward``'s signature)."""
-    params = [p for p in inspect.signature(model.forward).parameters if p not in ("self",)]
-    if isinstance(example_inputs, dict):
-        names = [p for p in params if p in example_inputs]
-        unknown = set(example_inputs) - set(names)
-        if unknown:
-            raise ValueError(f"example inputs {sorted(unknown)} are not arguments of the model's forward")
-        if names != params[: len(names)]:
-            raise ValueError(
-                f"example inputs {names} skip an earlier forward argument; pass them in order {params}"
-            )
-        return tuple(example_inputs[n] for n in names), names
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
-    args = tuple(example_inputs)
-    names = params[: len(args)] if len(params) >= len(args) else [f"input_{i}" for i in range(len(args))]
-    return args, names
-
-
-def _dynamic_axes(args: tuple[Any, ...], names: list[str], n_out: int) -> dict[str, dict[int, str]]:
-    """Batch is always dynamic; token inputs (integer, 2-D) also get a dynamic sequence length."""
-    text = any(isinstance(a, torch.Tensor) and not a.is_floating_point() and a.dim() == 2 for a in args)
+def _output_axes(
+    spec: CallSpec, outputs: list[tuple[str, torch.Tensor]], dynamic: Any
+) -> dict[str, dict[int, str]]:
+    """Batch (and, for token models, sequence) axes of the outputs that carry them."""
+    if dynamic not in ("auto", "batch"):
+        return {}
+    seq = spec.sequence_length() if dynamic == "auto" else None
+    batch = spec.tensors[0].shape[0] if spec.tensors and spec.tensors[0].dim() else None
     axes: dict[str, dict[int, str]] = {}
-    for name, a in zip(names, args, strict=True):
-        axes[name] = {0: "batch"}
-        if text and a.dim() >= 2:
-            axes[name][1] = "sequence"
-    for i in range(n_out):
-        axes[f"output_{i}"] = {0: "batch"}
+    for name, t in outputs:
+        ax: dict[int, str] = {}
+        if t.dim() >= 1 and t.shape[0] == batch:
+            ax[0] = "batch"
+        if seq is not None and t.dim() >= 2 and t.shape[1] == seq:
+            ax[1] = "sequence"
+        if ax:
+            axes[name] = ax
     return axes
 
 
@@ -222,13 +213,19 @@ def export_onnx(
     *,
     options: ExportOptions | None = None,
     opset: int = OPSET,
+    dynamic: str | dict[str, dict[int, str]] = "auto",
 ) -> ExportReport:
     """Export ``qmodel`` (from ``lowbit.quantize``) to ``path`` for ONNX Runtime.
 
-    ``example_inputs``: a tensor, a tuple of positional tensors, or a dict batch (tokenised text).
-    The batch dimension (and the sequence length of token inputs) stays dynamic. Returns an
-    :class:`ExportReport` listing each layer's kernel; layers ORT computes in float are listed in
-    ``report.fallbacks``.
+    ``example_inputs``: a tensor, a tuple of positional tensors, or a dict / ``BatchEncoding`` of
+    named inputs (a Hugging Face model: the graph takes exactly those inputs, by name; other
+    arguments keep their defaults, so a causal LM gives logits for every position; the key / value
+    cache is off). Outputs are the model's tensors, flattened (``ModelOutput`` keys such as
+    ``logits`` name them). ``dynamic``: which input axes stay free: ``auto`` (batch, and the
+    sequence of token inputs), ``batch``, ``none``, or ``{input_name: {axis: label}}``; when the
+    model cannot be exported with free axes (``auto``), it is exported static and
+    ``report.warnings`` says so. Returns an :class:`ExportReport` listing each layer's kernel;
+    layers ORT computes in float are listed in ``report.fallbacks``.
 
     >>> import torch, lowbit, tempfile, os
     >>> q = lowbit.quantize(torch.nn.Sequential(torch.nn.Linear(64, 8)), "int4-weight-only",
@@ -237,6 +234,7 @@ def export_onnx(
     >>> r.layers[0].kernel, r.layers[0].precision
     ('MatMulNBits', 'int4')
     """
+    require_module(qmodel, "export_onnx")
     options = options or ExportOptions()
     path = Path(path)
     # Logical parameter count (float params + every packed weight's values), for bits/param checks.
@@ -263,19 +261,39 @@ def export_onnx(
         report.layers.append(
             LayerExport(name, module.kind, kernel.name, kernel.precision, kernel.storage_only, kernel.note)
         )
-    args, names = _as_inputs(model, example_inputs)
+    spec = CallSpec.of(model, example_inputs)
+    wrapped = CallAdapter(model, spec).eval()
     with torch.no_grad():
-        n_out = _count_outputs(model(*args))
-    buffer = io.BytesIO()
-    output_names = [f"output_{i}" for i in range(n_out)]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer warnings about Python control flow are expected here
-        torch.onnx.export(
-            model, args, buffer, dynamo=False, opset_version=opset, input_names=names,
-            output_names=output_names, dynamic_axes=_dynamic_axes(args, names, n_out),
-            custom_opsets={"lowbit": 1} if layers else None,
-        )  # fmt: skip
-    graph_model = onnx.load_from_string(buffer.getvalue())
+        outputs = flat_outputs(spec.call(model, spec.tensors))
+    axes = {**spec.dynamic_axes(dynamic), **_output_axes(spec, outputs, dynamic)}
+
+    def trace(dynamic_axes: dict[str, dict[int, str]]) -> bytes:
+        for m in model.modules():
+            if isinstance(m, _Marker):
+                m.static = not dynamic_axes
+        buffer = io.BytesIO()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings about Python control flow are expected here
+            torch.onnx.export(
+                wrapped, spec.tensors, buffer, dynamo=False, opset_version=opset, input_names=spec.names,
+                output_names=[n for n, _ in outputs], dynamic_axes=dynamic_axes or None,
+                custom_opsets={"lowbit": 1} if layers else None,
+            )  # fmt: skip
+        return buffer.getvalue()
+
+    try:
+        graph_bytes = trace(axes)
+    except Exception as err:  # the exporter's errors have no common type
+        if dynamic != "auto" or not axes:
+            raise
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        report.warnings.append(
+            f"exported with static shapes (inputs exactly {[tuple(t.shape) for t in spec.tensors]}): "
+            f"free batch / sequence axes failed ({first}); pass dynamic='none' to skip the attempt"
+        )
+        warnings.warn(f"lowbit: {path.name}: {report.warnings[-1]}", stacklevel=2)
+        graph_bytes = trace({})
+    graph_model = onnx.load_from_string(graph_bytes)
     _lower_markers(graph_model, layers, options, u8u8)
     if options.transformer_fusions:
         graph_model = _transformer_fusions(graph_model, report)
@@ -287,12 +305,6 @@ def export_onnx(
     report.file_bytes = path.stat().st_size
     report.op_counts = dict(Counter(n.op_type for n in graph_model.graph.node))
     return report
-
-
-def _count_outputs(out: Any) -> int:
-    if isinstance(out, (tuple, list)):
-        return len(out)
-    return 1
 
 
 def _lower_markers(

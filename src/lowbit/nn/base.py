@@ -21,9 +21,24 @@ from lowbit.nn.activation import ActivationQuantizer
 from lowbit.nn.qweight import QuantizedWeight
 from lowbit.recipes.spec import ActivationSpec
 
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def _plain(value: Any) -> bool:
+    """A setting (a number, a string, a tuple of them), not a tensor, module or callable."""
+    if isinstance(value, tuple | list):
+        return all(_plain(v) for v in value)
+    return isinstance(value, _PLAIN)
+
 
 class QuantizedModule(nn.Module):
-    """Base class of quantized layers; subclasses define ``kind``, ``forward`` and ``float_config``."""
+    """Base class of quantized layers; subclasses define ``kind``, ``forward`` and ``float_config``.
+
+    A quantized layer is a drop-in for the float one: it keeps the public settings of the module
+    it replaces (``stride``, ``padding``, ``in_features``, ``nf`` ...), and ``weight`` gives the
+    dequantized weight in the float layer's layout and dtype, because model code inspects layers
+    (transformers reads ``projection.weight.dtype`` in ViT, ``conv1.stride`` in Whisper).
+    """
 
     kind: ClassVar[str] = "module"
     backend: str = "reference"
@@ -31,6 +46,29 @@ class QuantizedModule(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.input_quant: ActivationQuantizer | None = None
+        self.float_dtype = torch.float32
+
+    def adopt(self, module: nn.Module) -> QuantizedModule:
+        """Copy ``module``'s public settings that this layer does not define itself; returns ``self``.
+
+        Only plain values are copied (numbers, strings, tuples of them): tensors, submodules and
+        hooks of the float layer are not kept. The float weight's dtype is remembered for ``weight``.
+
+        >>> conv = nn.Conv2d(3, 8, 3, stride=2)
+        >>> q = QuantizedModule().adopt(conv)
+        >>> q.stride, q.kernel_size, q.float_dtype
+        ((2, 2), (3, 3), torch.float32)
+        """
+        for name, value in vars(module).items():
+            if name.startswith("_") or name == "training" or not _plain(value):
+                continue
+            if name in vars(self) or hasattr(type(self), name):
+                continue  # this layer's own attribute (or property) wins
+            setattr(self, name, value)
+        weight = next((p for n, p in module.named_parameters(recurse=False) if n.startswith("weight")), None)
+        if weight is not None and weight.is_floating_point():
+            self.float_dtype = weight.dtype
+        return self
 
     def set_activation(self, spec: ActivationSpec | None, name: str = "") -> None:
         """Attach an input quantizer (or none) as ``spec`` says."""

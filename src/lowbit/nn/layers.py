@@ -81,13 +81,25 @@ class QuantizedLinear(QuantizedModule):
         """From ``nn.Linear`` or Hugging Face ``Conv1D`` (whose weight is stored transposed)."""
         weight = linear_weight(module)
         qw = qweight if qweight is not None else quantize_weight(weight, spec, f"layer {name or '?'} weight")
-        return cls(weight.shape[1], weight.shape[0], qw, _float_bias(module.bias))
+        return cls(weight.shape[1], weight.shape[0], qw, _float_bias(module.bias))._adopt_linear(module)
 
     @classmethod
     def from_manifest(cls, module: nn.Module, entry: dict[str, Any]) -> QuantizedLinear:
         weight = linear_weight(module)
         qw = QuantizedWeight.empty(entry["weights"]["qweight"], weight.device)
-        return cls(weight.shape[1], weight.shape[0], qw, _loaded_bias(module.bias, entry, weight.shape[0]))
+        layer = cls(weight.shape[1], weight.shape[0], qw, _loaded_bias(module.bias, entry, weight.shape[0]))
+        return layer._adopt_linear(module)
+
+    def _adopt_linear(self, module: nn.Module) -> QuantizedLinear:
+        self.adopt(module)
+        self.weight_transposed = is_hf_conv1d(module)
+        return self
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight, laid out as the float layer's (``[in, out]`` for HF ``Conv1D``)."""
+        w = self.qweight.dequantize(self.float_dtype)
+        return w.t() if getattr(self, "weight_transposed", False) else w
 
     @classmethod
     def float_weight_shapes(cls, module: nn.Module) -> dict[str, tuple[int, ...]]:
@@ -163,7 +175,7 @@ class QuantizedConv(QuantizedModule):
         config = cls._config(module)
         matrix = module.weight.detach().reshape(module.out_channels, -1)
         qw = qweight if qweight is not None else quantize_weight(matrix, spec, f"layer {name or '?'} weight")
-        return cls(config, qw, _float_bias(module.bias))
+        return cls(config, qw, _float_bias(module.bias)).adopt(module)
 
     @classmethod
     def from_manifest(cls, module: nn.Conv1d | nn.Conv2d, entry: dict[str, Any]) -> QuantizedConv:
@@ -171,12 +183,17 @@ class QuantizedConv(QuantizedModule):
         config = cls._config(module)
         bias = _loaded_bias(module.bias, entry, module.out_channels)
         config["bias"] = bias is not None
-        return cls(config, qw, bias)
+        return cls(config, qw, bias).adopt(module)
 
     @classmethod
     def float_weight_shapes(cls, module: nn.Module) -> dict[str, tuple[int, ...]]:
         w = module.weight
         return {"qweight": (w.shape[0], math.prod(w.shape[1:]))}
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized kernel ``[out, in / groups, *kernel_size]``, as the float layer's."""
+        return self.qweight.dequantize(self.float_dtype).reshape(self.kernel_shape)
 
     @property
     def kernel_shape(self) -> tuple[int, ...]:
@@ -229,17 +246,23 @@ class QuantizedEmbedding(QuantizedModule):
             if qweight is not None
             else quantize_weight(module.weight, spec, f"layer {name or '?'} weight")
         )
-        return cls(module.num_embeddings, module.embedding_dim, module.padding_idx, qw)
+        return cls(module.num_embeddings, module.embedding_dim, module.padding_idx, qw).adopt(module)
 
     @classmethod
     def from_manifest(cls, module: nn.Embedding, entry: dict[str, Any]) -> QuantizedEmbedding:
         cls._check(module)
         qw = QuantizedWeight.empty(entry["weights"]["qweight"], module.weight.device)
-        return cls(module.num_embeddings, module.embedding_dim, module.padding_idx, qw)
+        return cls(module.num_embeddings, module.embedding_dim, module.padding_idx, qw).adopt(module)
 
     @classmethod
     def float_weight_shapes(cls, module: nn.Module) -> dict[str, tuple[int, ...]]:
         return {"qweight": tuple(module.weight.shape)}
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized table ``[num_embeddings, embedding_dim]`` (the whole table: forward
+        itself only unpacks the rows it looks up)."""
+        return self.qweight.dequantize(self.float_dtype)
 
     def set_activation(self, spec: Any, name: str = "") -> None:
         self.input_quant = None  # integer indices are never quantized
@@ -315,7 +338,7 @@ class QuantizedRNN(QuantizedModule):
                 weights[pname] = given.get(pname) or quantize_weight(p, spec, f"layer {name or '?'} {pname}")
             else:
                 biases[pname] = p
-        return cls(cls._config(module), weights, biases)
+        return cls(cls._config(module), weights, biases).adopt(module)
 
     @classmethod
     def from_manifest(cls, module: nn.LSTM | nn.GRU, entry: dict[str, Any]) -> QuantizedRNN:
@@ -325,7 +348,15 @@ class QuantizedRNN(QuantizedModule):
             for n, spec in ((k.split(".", 1)[1], v) for k, v in entry["weights"].items())
         }
         biases = {n: p for n, p in module.named_parameters() if not n.startswith("weight")}
-        return cls(cls._config(module), weights, biases)
+        return cls(cls._config(module), weights, biases).adopt(module)
+
+    def __getattr__(self, name: str) -> Any:
+        # ``weight_ih_l0`` ... read as on the float LSTM / GRU: the dequantized matrix.
+        if name.startswith("weight_"):
+            weights = self._modules.get("weights")
+            if weights is not None and name in weights._modules:
+                return weights._modules[name].dequantize(self.float_dtype)
+        return super().__getattr__(name)
 
     @classmethod
     def float_weight_shapes(cls, module: nn.Module) -> dict[str, tuple[int, ...]]:

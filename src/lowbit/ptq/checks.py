@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -131,7 +131,7 @@ def _tensors(batch: Any, prefix: str = "input") -> Iterator[tuple[str, torch.Ten
     """Every tensor in a batch (tensor, tuple / list, dict), named by where it sits."""
     if isinstance(batch, torch.Tensor):
         yield prefix, batch
-    elif isinstance(batch, dict):
+    elif isinstance(batch, Mapping):
         for key, value in batch.items():
             yield from _tensors(value, str(key))
     elif isinstance(batch, (tuple, list)):

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -29,6 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.errors import DataError
+from lowbit.modelcheck import require_module
 from lowbit.nn.activation import ActivationQuantizer
 from lowbit.nn.base import QuantizedModule
 from lowbit.nn.layers import QUANTIZED_CLASSES
@@ -64,6 +65,7 @@ def prepare(
     in a planned layer, or saturation the recipe does not allow raise ``ModelError`` (see
     ``lowbit.ptq.checks``).
     """
+    require_module(model, "prepare")
     recipe = resolve(recipe)
     if not inplace:
         model = copy.deepcopy(model)
@@ -105,7 +107,7 @@ def to_device(batch: Any, device: torch.device) -> Any:
     """Move a batch (tensor, tuple / list, dict of tensors) to ``device``; other values pass through."""
     if isinstance(batch, torch.Tensor):
         return batch.to(device)
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):  # a dict or a BatchEncoding: a plain dict either way
         return {k: to_device(v, device) for k, v in batch.items()}
     if isinstance(batch, (tuple, list)):
         return type(batch)(to_device(v, device) for v in batch)

@@ -80,6 +80,29 @@ def module_kind(module: nn.Module) -> str | None:
     return None
 
 
+_BASES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, nn.LSTM, nn.GRU)
+
+
+def custom_forward(module: nn.Module) -> str | None:
+    """Why a subclass of a supported layer is kept float: it overrides ``forward`` (``None``: it does not).
+
+    A quantized layer runs the base class's computation; a subclass with its own forward (a
+    positional embedding that slices its table, a LoRA linear) would silently compute something else.
+
+    >>> class Positions(nn.Embedding):
+    ...     def forward(self, ids):
+    ...         return self.weight[: ids.shape[1]]
+    >>> custom_forward(Positions(8, 4))
+    'Positions overrides nn.Embedding.forward'
+    >>> custom_forward(nn.Embedding(8, 4)) is None
+    True
+    """
+    base = next((b for b in _BASES if isinstance(module, b)), None)
+    if base is None or type(module).forward is base.forward:
+        return None
+    return f"{type(module).__name__} overrides nn.{base.__name__}.forward"
+
+
 def _unsupported_reason(module: nn.Module) -> str | None:
     """Why a module with its own weights cannot be quantized (``None``: nothing to report)."""
     own = [p for _, p in module.named_parameters(recurse=False) if p.dim() >= 2]
@@ -120,6 +143,10 @@ def plan_model(model: nn.Module, recipe: Recipe) -> Plan:
             continue
         specs = recipe.specs_for(name)
         if specs is None:
+            continue
+        custom = custom_forward(module)
+        if custom is not None:
+            plan.unsupported.append((name, f"{custom}; quantizing it would change what it computes"))
             continue
         weight, activation = specs
         if kind == "conv" and getattr(module, "padding_mode", "zeros") != "zeros":

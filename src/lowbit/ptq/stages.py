@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowbit.batches import call_args
 from lowbit.ptq.plan import LayerPlan
 from lowbit.zoo.base import Batch
 
@@ -66,12 +67,7 @@ def model_call(model: nn.Module, batch: Batch) -> tuple[tuple[Any, ...], dict[st
     """``(args, kwargs)`` to call ``model`` on ``batch`` (the zoo convention), with the key/value
     cache switched off where the model has one: every stage runs twice on the same inputs, and a
     cache would append to itself."""
-    if isinstance(batch, dict):
-        args, kwargs = (), dict(batch)
-    elif isinstance(batch, tuple | list):
-        args, kwargs = tuple(batch), {}
-    else:
-        args, kwargs = (batch,), {}
+    args, kwargs = call_args(model, batch)
     try:
         params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):

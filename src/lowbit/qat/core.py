@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowbit.modelcheck import require_module
 from lowbit.nn.layers import QuantizedRNN
 from lowbit.ptq.convert import model_device, set_submodule, to_device
 from lowbit.ptq.convert import prepare as ptq_prepare
@@ -101,6 +102,7 @@ def prepare(
     activation scales with LSQ; otherwise scales follow the weights and activation ranges an EMA (STE).
     The returned model trains with any optimizer / loop; fold BatchNorm first (``fold_batchnorm``).
     """
+    require_module(model, "qat.prepare")
     recipe = resolve(recipe)
     if recipe.smoothquant_alpha is not None or recipe.bias_correction:
         raise ValueError(

@@ -9,6 +9,7 @@ True
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ __all__ = [
     "get",
     "names",
     "resolve",
+    "with_overrides",
 ]
 
 
@@ -65,3 +67,60 @@ def resolve(recipe: str | Path | Recipe | dict[str, Any]) -> Recipe:
     if path.suffix in (".yaml", ".yml", ".json") or path.exists():
         return schema.from_file(Recipe, path)
     return get(text)
+
+
+def _plain(spec: Any) -> dict[str, Any]:
+    """A spec or rule as the dict ``Recipe.from_dict`` reads (tuples as lists, as YAML has them)."""
+    d = dataclasses.asdict(spec)
+    for key, value in list(d.items()):
+        if isinstance(value, tuple):
+            d[key] = list(value)
+        elif isinstance(value, dict) and isinstance(value.get("algorithm"), tuple):
+            value["algorithm"] = list(value["algorithm"])
+    return {k: v for k, v in d.items() if v is not None}
+
+
+def _merged(base: dict[str, Any] | None, change: Any, what: str) -> dict[str, Any] | None:
+    if change is None:
+        return base
+    if isinstance(change, WeightSpec | ActivationSpec):
+        change = _plain(change)
+    if not isinstance(change, dict):
+        raise RecipeError(f"with_overrides: {what} must be a dict of fields (or a spec), got {change!r}")
+    return {**(base or {}), **change}
+
+
+def with_overrides(
+    recipe: str | Path | Recipe | dict[str, Any],
+    *,
+    exclude: list[str] | tuple[str, ...] = (),
+    include: list[str] | tuple[str, ...] | None = None,
+    overrides: list[dict[str, Any] | LayerRule] | tuple[dict[str, Any] | LayerRule, ...] = (),
+    weight: dict[str, Any] | WeightSpec | None = None,
+    activation: dict[str, Any] | ActivationSpec | None = None,
+    **fields: Any,
+) -> Recipe:
+    """A preset (or any recipe) adjusted in one call, validated like a new recipe.
+
+    ``exclude`` patterns and ``overrides`` rules are added to the recipe's own; ``include``
+    replaces its patterns; ``weight`` / ``activation`` change only the fields given; any other
+    ``Recipe`` field is set as given (``bias_correction=True``). The name gets ``+overrides``,
+    so an artifact never claims to be the plain preset.
+
+    >>> r = with_overrides("int4-gptq", exclude=["lm_head"], weight={"granularity": "group:64"})
+    >>> r.name, r.exclude[-1], r.weight.granularity, r.weight.algorithm
+    ('int4-gptq+overrides', 'lm_head', 'group:64', 'gptq')
+    """
+    base = resolve(recipe)
+    d = base.to_dict()
+    d["exclude"] = list(d.get("exclude", ())) + list(exclude)
+    if include is not None:
+        d["include"] = list(include)
+    rules = [_plain(r) if isinstance(r, LayerRule) else r for r in overrides]
+    d["overrides"] = list(d.get("overrides", ())) + rules
+    d["weight"] = _merged(d.get("weight"), weight, "weight")
+    d["activation"] = _merged(d.get("activation"), activation, "activation")
+    d.update(fields)
+    if "name" not in fields:
+        d["name"] = f"{base.name}+overrides"
+    return Recipe.from_dict(d)

@@ -35,7 +35,9 @@ class WeightSpec:
     Attributes:
         format: a ``lowbit.formats`` name (``int8``, ``int4``, ``nf4``, ``kmeans_4``, ``fp16`` ...).
         granularity: ``tensor``, ``channel`` (per output channel), ``group:G`` (G inputs per scale).
-        symmetric: integer formats: zero point fixed at 0 (True) or fitted (False).
+        symmetric: integer formats: zero point fixed at 0 (True) or fitted (False). Left out, it is
+            True for signed formats and False for unsigned ones (``uint4``: an unsigned grid with
+            its zero point at 0 cannot hold a weight's negative half, so that pair is refused).
         algorithm: ``rtn`` (round to nearest, full range), ``mse`` (clip range searched per block
             to minimise the weight's squared error), ``gptq`` or ``awq`` (data-aware: need calibration),
             or a sequence applied in order inside each calibration stage, such as
@@ -44,12 +46,22 @@ class WeightSpec:
 
     format: str = "int8"
     granularity: str = "channel"
-    symmetric: bool = True
+    symmetric: bool | None = None
     algorithm: str | tuple[str, ...] = "rtn"
 
     def __post_init__(self) -> None:
-        formats.get(self.format)
+        fmt = formats.get(self.format)
         gran.parse(self.granularity)
+        unsigned = fmt.family == "int" and fmt.qmin == 0
+        if self.symmetric is None:
+            object.__setattr__(self, "symmetric", not unsigned)
+        elif self.symmetric and unsigned:
+            signed = fmt.name[1:] if fmt.name[1:] in formats.names() else "binary"
+            raise ValueError(
+                f"weight format {fmt.name} with symmetric: true would fix the zero point at code 0 and "
+                f"clamp every negative weight to 0; use symmetric: false (a fitted zero point) or the "
+                f"signed {signed}"
+            )
         if isinstance(self.algorithm, list | tuple):  # YAML / JSON give lists; one step is a plain name
             steps = tuple(self.algorithm)
             if not steps:

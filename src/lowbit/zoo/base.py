@@ -20,12 +20,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowbit import batches
+
 # A batch is a tensor (image models) or a dict of tensors (tokenised text).
 Batch = torch.Tensor | dict[str, torch.Tensor] | tuple[torch.Tensor, ...]
 
 
 def call_model(model: nn.Module, batch: Batch) -> Any:
-    """Call ``model`` on one batch following the zoo convention (dict -> kwargs, tuple -> args).
+    """Call ``model`` on one batch following the zoo convention (mapping -> kwargs, tuple -> args;
+    see ``lowbit.batches`` for lists).
 
     Works for any module, so evaluation code can call the float and the quantized model alike.
     Gradients are not disabled here; wrap the call in ``torch.no_grad()`` when evaluating.
@@ -36,11 +39,7 @@ def call_model(model: nn.Module, batch: Batch) -> Any:
     >>> call_model(torch.nn.Bilinear(2, 2, 1), (torch.ones(1, 2), torch.ones(1, 2))).shape
     torch.Size([1, 1])
     """
-    if isinstance(batch, dict):
-        return model(**batch)
-    if isinstance(batch, tuple | list):
-        return model(*batch)
-    return model(batch)
+    return batches.call_model(model, batch)
 
 
 @dataclass

@@ -1,0 +1,154 @@
+"""How ``export_onnx`` calls the model: example inputs as users have them, outputs as flat tensors.
+
+Users export what they run: a tensor, a tuple of tensors, or a dict / ``BatchEncoding`` of named
+inputs for a Hugging Face model whose ``forward`` also takes flags (``use_cache``,
+``logits_to_keep``, ``past_key_values``) and returns a ``ModelOutput``. The TorchScript exporter
+only takes positional tensors and flat outputs, so the model is wrapped in ``CallAdapter``: the
+graph's inputs are exactly the example's tensors, by name; every other argument keeps its
+default (``logits_to_keep=0``: logits for every position), except the key / value cache, which
+is switched off (a graph input and output per layer would be needed to carry it).
+
+>>> import torch
+>>> spec = CallSpec.of(torch.nn.Bilinear(3, 3, 2), (torch.ones(1, 3), torch.ones(1, 3)))
+>>> spec.names, spec.keyword
+(['input1', 'input2'], False)
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+# Flags set for export when ``forward`` has them and the example does not: no cache in or out.
+EXPORT_FLAGS = {"use_cache": False}
+DYNAMIC_CHOICES = ("auto", "batch", "none")
+
+
+def _forward_params(model: nn.Module) -> list[str]:
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return []
+    return [n for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
+@dataclass
+class CallSpec:
+    """The example's tensors in call order, their graph names, and how they reach ``forward``."""
+
+    tensors: tuple[torch.Tensor, ...]
+    names: list[str]
+    keyword: bool  # passed by name (a dict example) or by position
+    flags: dict[str, Any] = field(default_factory=dict)
+    mask_from: str | None = None  # derive an all-ones ``attention_mask`` from this token input
+
+    @classmethod
+    def of(cls, model: nn.Module, example: Any) -> CallSpec:
+        """Read an example: a tensor, a tuple / list of tensors, or a dict / ``BatchEncoding``."""
+        params = _forward_params(model)
+        flags = {k: v for k, v in EXPORT_FLAGS.items() if k in params}
+        if isinstance(example, Mapping):
+            unknown = [k for k in example if k not in params]
+            if unknown and params:
+                raise ValueError(
+                    f"example inputs {unknown} are not arguments of {type(model).__name__}.forward "
+                    f"(it takes {params})"
+                )
+            order = [p for p in params if p in example] or list(example)
+            for name in order:
+                if not isinstance(example[name], torch.Tensor):
+                    raise ValueError(
+                        f"example input {name!r} is a {type(example[name]).__name__}; ONNX graph inputs "
+                        "are tensors (leave flags out: they keep their defaults)"
+                    )
+                flags.pop(name, None)
+            # Without a mask, transformers checks position ids for packed sequences with torch.diff,
+            # which ONNX lacks; an all-ones mask computed in the graph means the same and exports.
+            mask_from = "input_ids" if "attention_mask" in params and "attention_mask" not in order else None
+            if mask_from not in order:
+                mask_from = None
+            return cls(tuple(example[n] for n in order), order, True, flags, mask_from)
+        tensors = (example,) if isinstance(example, torch.Tensor) else tuple(example)
+        names = params[: len(tensors)] if len(params) >= len(tensors) else []
+        names = names or [f"input_{i}" for i in range(len(tensors))]
+        flags = {k: v for k, v in flags.items() if k not in names}
+        return cls(tensors, names, False, flags)
+
+    def call(self, model: nn.Module, tensors: tuple[torch.Tensor, ...]) -> Any:
+        """``model``'s raw output for ``tensors`` (in ``names`` order), called as the example was."""
+        if not self.keyword:
+            return model(*tensors, **self.flags)
+        named = dict(zip(self.names, tensors, strict=True))
+        if self.mask_from is not None:
+            named["attention_mask"] = torch.ones_like(named[self.mask_from])
+        return model(**named, **self.flags)
+
+    def dynamic_axes(self, dynamic: str | Mapping[str, Mapping[int, str]]) -> dict[str, dict[int, str]]:
+        """Input axes left free: ``auto`` (batch, and the sequence of token inputs), ``batch``,
+        ``none`` (all static), or an explicit ``{input_name: {axis: label}}``."""
+        if isinstance(dynamic, Mapping):
+            unknown = [k for k in dynamic if k not in self.names]
+            if unknown:
+                raise ValueError(f"dynamic axes name {unknown}, which are not inputs {self.names}")
+            return {k: dict(v) for k, v in dynamic.items()}
+        if dynamic not in DYNAMIC_CHOICES:
+            raise ValueError(f"dynamic must be one of {list(DYNAMIC_CHOICES)} or a dict, got {dynamic!r}")
+        if dynamic == "none":
+            return {}
+        text = dynamic == "auto" and any(_is_tokens(t) for t in self.tensors)
+        axes: dict[str, dict[int, str]] = {}
+        for name, t in zip(self.names, self.tensors, strict=True):
+            if t.dim() == 0:
+                continue
+            axes[name] = {0: "batch"}
+            if text and t.dim() >= 2:
+                axes[name][1] = "sequence"
+        return axes
+
+    def sequence_length(self) -> int | None:
+        tokens = [t for t in self.tensors if _is_tokens(t)]
+        return tokens[0].shape[1] if tokens else None
+
+
+def _is_tokens(t: torch.Tensor) -> bool:
+    return not t.is_floating_point() and t.dim() == 2
+
+
+def flat_outputs(out: Any, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
+    """Every tensor of a model's output with a name: ``ModelOutput`` / dict keys (``logits``),
+    ``output_i`` for tuples and plain tensors; ``None`` entries are left out."""
+    if isinstance(out, torch.Tensor):
+        return [(prefix or "output_0", out)]
+    if isinstance(out, Mapping):
+        items = [(f"{prefix}{k}", v) for k, v in out.items() if v is not None]
+    elif isinstance(out, tuple | list):
+        base = prefix or "output_"
+        items = [(f"{base}{i}", v) for i, v in enumerate(out) if v is not None]
+    else:
+        raise ValueError(
+            f"the model returns a {type(out).__name__}; ONNX export needs tensors, tuples or dicts of them"
+        )
+    flat: list[tuple[str, torch.Tensor]] = []
+    for name, value in items:
+        if isinstance(value, torch.Tensor):
+            flat.append((name, value))
+        else:
+            flat.extend(flat_outputs(value, f"{name}_"))
+    return flat
+
+
+class CallAdapter(nn.Module):
+    """``forward(*tensors)``: calls the wrapped model as ``spec`` says; returns its tensors flat."""
+
+    def __init__(self, model: nn.Module, spec: CallSpec) -> None:
+        super().__init__()
+        self.model = model
+        self.spec = spec
+
+    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(t for _, t in flat_outputs(self.spec.call(self.model, tensors)))
