@@ -14,9 +14,9 @@ import torch
 from sklearn.cluster import KMeans
 
 import lowbit.formats as F
-from lowbit.algorithms import kmeans
-from lowbit.algorithms.kmeans import dp_atoms, learn_grid, quantiles_of_sorted, sort_rows
-from lowbit.algorithms.pq import decode_pq, encode_pq, fit_pq
+from lowbit.codecs import kmeans1d as kmeans
+from lowbit.codecs.kmeans1d import dp_atoms, learn_grid, quantiles_of_sorted, sort_rows
+from lowbit.codecs.product import decode_pq, encode_pq, fit_pq
 from lowbit.granularity import PerChannel, PerGroup, PerTensor, PerToken
 from lowbit.primitives import choose_qparams, dequantize, fake_quantize, quantize
 

@@ -187,16 +187,3 @@ def test_codecs_import_only_leaves() -> None:
             for name in names:
                 if name.startswith("lowbit"):
                     assert name in allowed or name.startswith("lowbit.codecs"), f"{path.name} imports {name}"
-
-
-def test_the_old_learner_modules_are_aliases_of_the_codec_modules(monkeypatch) -> None:
-    import lowbit.codecs.kmeans1d as kmeans1d
-    import lowbit.codecs.product as product
-    from lowbit.algorithms import kmeans, pq
-
-    assert kmeans.learn_grid is kmeans1d.learn_grid and pq.fit_pq is product.fit_pq
-    before = kmeans1d.DP_BUDGET
-    with monkeypatch.context() as patch:
-        patch.setattr(kmeans, "DP_BUDGET", 1000)  # through the old name...
-        assert kmeans1d.DP_BUDGET == 1000 == kmeans.DP_BUDGET  # ...reaches the code that reads it
-    assert kmeans1d.DP_BUDGET == before == kmeans.DP_BUDGET
