@@ -39,9 +39,12 @@ from lowbit.granularity import block_dims, blocked_shape, from_blocks, to_blocks
 if TYPE_CHECKING:
     from lowbit.formats import Format
 
-# Smallest scale we allow: a zero-range block (all zeros) would otherwise divide by zero.
-# Same value PyTorch's observers use, which keeps the int8 path bit-exact with theirs.
-EPS = torch.finfo(torch.float32).eps
+# Smallest scale we allow: only there so that a zero-range block (all zeros) does not divide by
+# zero. It is float32's smallest normal number, not its epsilon: PyTorch's observers floor scales
+# at eps (1.19e-7), which zeroes every value of a tensor whose range is below ~1.5e-5 at int8
+# (small activations of a randomly initialised or a badly scaled model); scales here follow the
+# data's magnitude down to 1e-38. Ranges above that floor are bit-exact with PyTorch's.
+EPS = torch.finfo(torch.float32).tiny
 
 
 @dataclass(frozen=True)
