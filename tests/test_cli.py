@@ -200,3 +200,23 @@ def test_quantize_minilm_int8_dynamic_then_inspect(capsys, tmp_path):
     assert abs(info["manifest_bits_per_param"] - recount) <= 0.01 * recount
     assert 8.0 < recount < 8.3  # int8 codes + per-channel scales, embeddings / norms accounted for
     assert info["file_bytes"] == os.path.getsize(out / "model.safetensors")
+
+
+def test_export_of_a_factory_model_takes_its_example_from_calib(capsys, tmp_path, monkeypatch):
+    """A package.module:factory model has no example inputs: --calib supplies the example batch."""
+    (tmp_path / "my_cli_models.py").write_text(
+        "import torch\n"
+        "def make():\n"
+        "    torch.manual_seed(0)\n"
+        "    return torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "m.onnx"
+    code, _, err = run(capsys, "export", "my_cli_models:make", "--recipe", "int8-dynamic", "-o", str(out))
+    assert code == 2 and "--calib DATA" in err and "lowbit.export_onnx" in err
+    np.save(tmp_path / "calib.npy", np.random.default_rng(0).normal(size=(64, 12)).astype(np.float32))
+    code, text, err = run(capsys, "export", "my_cli_models:make", "--recipe", "int8-dynamic",
+                          "--calib", str(tmp_path / "calib.npy"), "-o", str(out))  # fmt: skip
+    assert code == 0, err
+    assert out.is_file() and "MatMulIntegerToFloat" in text

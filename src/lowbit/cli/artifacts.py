@@ -105,12 +105,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.recipe:
         _recipe(args.recipe)
     zm = _model(args.model)
-    if not zm.example_inputs:
-        raise CliError(f"model {zm.name!r} has no example inputs to trace; export it from Python", 2)
+    calibration = _calibration(args, zm)
+    if not zm.example_inputs and not calibration:
+        raise CliError(
+            f"model {zm.name!r} comes without example inputs to trace: pass --calib DATA (its first "
+            "batch becomes the example), or from Python: lowbit.export_onnx(qmodel, 'model.onnx', batch)",
+            2,
+        )
     qmodel = _quantized(args, zm)
-    example = zm.example_inputs[0] if len(zm.example_inputs) == 1 else zm.example_inputs
-    if isinstance(zm.calibration[0] if zm.calibration else None, dict):
-        example = zm.calibration[0]  # text models: export with named inputs
+    if zm.example_inputs:
+        example = zm.example_inputs[0] if len(zm.example_inputs) == 1 else zm.example_inputs
+    if calibration and (not zm.example_inputs or isinstance(calibration[0], dict)):
+        example = calibration[0]  # text models export with named inputs; factories with the user's data
     report = export_onnx(qmodel, out, example)
     text = report.to_text() if hasattr(report, "to_text") else f"exported {out}"
     _out(args, text, report)
