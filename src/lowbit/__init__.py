@@ -12,6 +12,7 @@ from lowbit import pruning, qat, train  # noqa: E402
 from lowbit.analysis import search, sensitivity  # noqa: E402
 from lowbit.api import calibrate, convert, load, prepare, quantize, save, size_report  # noqa: E402
 from lowbit.distill import DistillationLoss, distill  # noqa: E402
+from lowbit.doctor import doctor  # noqa: E402  (the function: lowbit.doctor; the module stays importable)
 from lowbit.errors import ArtifactError, DataError, ModelError, RecipeError  # noqa: E402
 from lowbit.eval.evaluate import evaluate  # noqa: E402
 from lowbit.from_sklearn import from_sklearn  # noqa: E402
@@ -28,6 +29,7 @@ __all__ = [
     "calibrate",
     "convert",
     "distill",
+    "doctor",
     "evaluate",
     "export_onnx",
     "from_sklearn",
