@@ -325,3 +325,42 @@ def test_dynamic_axes_are_an_option(tmp_path):
         lowbit.export_onnx(q, tmp_path / "x.onnx", torch.randn(2, 8), dynamic="sometimes")
     with pytest.raises(ValueError, match="not inputs"):
         lowbit.export_onnx(q, tmp_path / "x.onnx", torch.randn(2, 8), dynamic={"nope": {0: "b"}})
+
+
+# --- weights ORT has no kernel for: codes stored, unpacked in the graph ------------------------------
+
+
+def _cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1, groups=2), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10),
+    ).eval()  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "recipe",
+    [
+        "int4-weight-only",
+        "nf4",
+        {"weight": {"format": "ternary"}},
+        {"weight": {"format": "int3", "granularity": "group:32"}},
+        {"weight": {"format": "uint2", "granularity": "group:16"}},
+        {"weight": {"format": "fp4_e2m1", "granularity": "group:32"}},
+    ],
+    ids=["int4", "nf4", "ternary", "int3-g32", "uint2-g16", "fp4-g32"],
+)
+def test_storage_only_weights_keep_their_size_in_onnx(tmp_path, recipe):
+    model = _cnn()
+    q = lowbit.quantize(model, recipe, progress=False)
+    x = torch.randn(2, 3, 12, 12)
+    float_model = lowbit.quantize(model, {"weight": None}, progress=False)
+    float_report = export_onnx(float_model, tmp_path / "f.onnx", x)
+    report = export_onnx(q, tmp_path / "q.onnx", x)
+    conv_weights = model[0].weight.numel() + model[2].weight.numel()
+    # The conv kernels (most of the model) now take at most one byte per weight, not four.
+    assert report.file_bytes < float_report.file_bytes - 2.5 * conv_weights
+    for layer in report.layers[:2]:
+        assert layer.storage_only and "codes" in layer.note
+    out = load(tmp_path / "q.onnx")(x)
+    assert (out - q(x)).abs().max() < 1e-3 * max(1.0, float(q(x).abs().max()))

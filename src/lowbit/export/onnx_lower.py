@@ -31,6 +31,7 @@ Kernels (``Kernel.name``):
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +40,8 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from lowbit import granularity as gran
+from lowbit.export.onnx_unpack import supported as unpack_supported
+from lowbit.export.onnx_unpack import unpacked_weight
 from lowbit.nn.base import QuantizedModule
 from lowbit.nn.layers import QuantizedConv, QuantizedEmbedding, QuantizedLinear
 from lowbit.nn.qweight import QuantizedWeight
@@ -105,6 +108,14 @@ def _per_row_scales(qw: QuantizedWeight) -> bool:
 def _storage_kernel(qw: QuantizedWeight, what: str) -> Kernel:
     if qw.fmt.family == "float":
         return Kernel("fp16-storage", "fp16", note=f"{qw.fmt.name} weights, fp32 compute")
+    if unpack_supported(qw):
+        return Kernel(
+            "float",
+            "float",
+            storage_only=True,
+            note=f"{qw.fmt.name} {what}: no ONNX Runtime kernel; the file stores the "
+            f"{qw.fmt.bits}-bit codes, unpacked once when ORT loads it, float compute",
+        )
     return Kernel(
         "float",
         "float",
@@ -163,7 +174,7 @@ def choose_kernel(layer: QuantizedModule) -> Kernel:
         if _nbits_block(qw) is not None:
             return Kernel("MatMulNBits", f"int{qw.fmt.bits}", note="block-wise weight-only")
     if isinstance(layer, QuantizedConv) and _is_int(qw):
-        return Kernel("float", "float", True, "weight-only conv: ORT has no integer-weight float conv")
+        return _storage_kernel(qw, "weight-only conv (ORT has no integer-weight float conv)")
     return _storage_kernel(qw, "weights")
 
 
@@ -288,8 +299,26 @@ def _float_weight(b: Builder, qw: QuantizedWeight, prefix: str, transpose: bool)
         w = w.t() if transpose else w.reshape(qw.shape)
         half = b.const(prefix, "w_fp16", _np(w.to(torch.float16)))
         return b.node("Cast", [half], prefix, to=TensorProto.FLOAT)
+    unpacked = _codes_in_graph(b, qw, prefix)
+    if unpacked is not None:
+        return b.node("Transpose", [unpacked], prefix, perm=[1, 0]) if transpose else unpacked
     w = qw.dequantize(torch.float32).reshape(qw.shape[0], -1)
     return b.const(prefix, "w", _np(w.t() if transpose else w))
+
+
+def _codes_in_graph(b: Builder, qw: QuantizedWeight, prefix: str) -> str | None:
+    """The float ``[out, in]`` weight rebuilt in the graph from packed codes (``onnx_unpack``)."""
+    if not unpack_supported(qw):
+        return None
+    built = unpacked_weight(b, qw, prefix)
+    if built is None:
+        warnings.warn(
+            f"lowbit: layer {prefix}: its {qw.fmt.name} codes could not be rebuilt exactly in the graph; "
+            "exported as float weights (a larger file)",
+            stacklevel=3,
+        )
+        return None
+    return built[0]
 
 
 def _qdq_input(b: Builder, layer: QuantizedModule, x: str, prefix: str) -> str:
@@ -610,7 +639,11 @@ def lower_conv(
             to=TensorProto.FLOAT,
         )
     else:
-        w = b.const(prefix, "w", _np(qw.dequantize().reshape(layer.kernel_shape)))
+        unpacked = _codes_in_graph(b, qw, prefix)
+        if unpacked is None:
+            w = b.const(prefix, "w", _np(qw.dequantize().reshape(layer.kernel_shape)))
+        else:
+            w = b.node("Reshape", [unpacked, b.const(prefix, "kernel", np.array(layer.kernel_shape))], prefix)
     inputs = [x, w] + ([b.const(prefix, "bias", _np(layer.bias.float()))] if layer.bias is not None else [])
     pads = list(c["padding"]) * 2
     b.node(
