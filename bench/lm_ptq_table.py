@@ -18,7 +18,8 @@ Then a check of the issue's targets, one line each: PASS / MISS with the figure,
 every data-aware preset below ``int4-weight-only``; repeats identical). A failing quantization is
 reported in its cell (error type and message), never aborts the run.
 
-Usage (the full run takes ~30-40 minutes on 2 shared cores after the models are trained)::
+Usage (the full run takes roughly 20-40 minutes on 2 idle cores once the models are cached; training
+them takes 2-5 minutes each on an idle core, 15-22 minutes each at load average 12-15)::
 
     LOWBIT_CACHE=/tmp/lowbit-cache-lmbench python bench/lm_ptq_table.py --repeats 10
     python bench/lm_ptq_table.py --arch lstm --quick        # one grid, 8 eval batches, minutes
@@ -198,7 +199,7 @@ def check_targets(arch: str, result: dict[str, Any]) -> list[tuple[str, bool, st
 
 
 def _pct(value: float | None) -> str:
-    return "crash" if value is None else f"{value:.0f}%"
+    return "crash" if value is None else f"{value:.1f}%"
 
 
 def main() -> None:
