@@ -294,7 +294,19 @@ def apply_group(group: Group, recipe: Recipe) -> dict[str, LayerResult]:
             assert stats is not None
             hessian = (2.0 * _scaled_gram(stats, c)).float()
             with single_thread():  # many small ops: a second thread only adds sync cost
-                c_codes, qp = gptq_quantize(e.w, hessian, fmt, g, spec.symmetric)
+                o = recipe.gptq
+                c_codes, qp = gptq_quantize(
+                    e.w,
+                    hessian,
+                    fmt,
+                    g,
+                    spec.symmetric,
+                    block_size=o.block_size,
+                    percdamp=o.damping,
+                    act_order=o.act_order,
+                    static_groups=o.static_groups,
+                    observer=o.observer,
+                )
                 rtn_qp = choose_weight_qparams(e.w, fmt, g, spec.symmetric, "rtn")
                 rtn = dequantize(quantize(e.w, fmt, rtn_qp), fmt, rtn_qp)
                 info = {

@@ -15,10 +15,11 @@ from typing import Any
 from lowbit.errors import RecipeError
 from lowbit.recipes import schema
 from lowbit.recipes.presets import PRESETS
-from lowbit.recipes.spec import ActivationSpec, LayerRule, Recipe, WeightSpec
+from lowbit.recipes.spec import ActivationSpec, GPTQOptions, LayerRule, Recipe, WeightSpec
 
 __all__ = [
     "ActivationSpec",
+    "GPTQOptions",
     "LayerRule",
     "Recipe",
     "RecipeError",

@@ -24,6 +24,7 @@ MODULE_KINDS = ("linear", "conv", "embedding", "rnn")
 ACTIVATION_MODES = ("none", "dynamic", "static")
 WEIGHT_ALGORITHMS = ("rtn", "mse", "gptq", "awq", "smoothquant", "bias_correction")
 EDGE_POLICIES = ("recipe", "int8", "float")
+GPTQ_OBSERVERS = ("minmax", "mse")
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,51 @@ class LayerRule:
 
 @dataclass(frozen=True)
 @schema.validated
+class GPTQOptions:
+    """How GPTQ quantizes the layers whose algorithm includes ``gptq`` (the defaults are the
+    GPTQ paper's and lowbit's behaviour before these options existed).
+
+    Attributes:
+        act_order: quantize input columns in order of decreasing Hessian diagonal (the inputs
+            with the most energy first). Needs ``static_groups: true``: lowbit stores no column
+            permutation, so groups must stay contiguous in the original column order.
+        static_groups: take every group's scale up front from the original weight, instead of
+            when GPTQ reaches the group's first column, from the weights as updated so far.
+        damping: added to the Hessian's diagonal, as a fraction of its mean (AutoGPTQ's
+            ``damp_percent``); grows tenfold on its own while the Hessian is not positive definite.
+        block_size: columns per lazy-update block (speed and memory; the result is the same up to
+            float rounding).
+        observer: how each group's scale is chosen inside GPTQ: ``minmax`` (the full range) or
+            ``mse`` (the clip ratio with the smallest squared weight error, as AutoGPTQ's ``mse``).
+
+    >>> GPTQOptions(act_order=True, static_groups=True).observer
+    'minmax'
+    """
+
+    act_order: bool = False
+    static_groups: bool = False
+    damping: float = 0.01
+    block_size: int = 128
+    observer: str = "minmax"
+
+    def __post_init__(self) -> None:
+        if self.act_order and not self.static_groups:
+            raise ValueError(
+                "gptq.act_order needs gptq.static_groups: true; act-order with groups taken as the "
+                "columns are reached would need a stored column permutation, which lowbit's weight "
+                "format does not have"
+            )
+        if not 0.0 <= self.damping <= 1.0:
+            raise ValueError(
+                f"gptq.damping must be in [0, 1] (a fraction of the mean diagonal), got {self.damping}"
+            )
+        if self.block_size < 1:
+            raise ValueError(f"gptq.block_size must be >= 1, got {self.block_size}")
+        _check_choice("gptq observer", self.observer, GPTQ_OBSERVERS)
+
+
+@dataclass(frozen=True)
+@schema.validated
 class Recipe:
     """A complete quantization plan for a model.
 
@@ -142,6 +188,8 @@ class Recipe:
             (``fp16`` stores 1e6 as 65504); ``False`` refuses such a model with a ``ModelError``
             naming each layer and its count of saturated values, ``True`` quantizes it with a
             warning that gives the counts.
+        gptq: ``GPTQOptions`` for every layer quantized with ``gptq`` (act-order, static groups,
+            damping, block size, the observer choosing the scales).
 
     Every field is type-checked (strictly: ``symmetric: 'no'`` is not ``False``, a string is not a
     list); any problem raises ``lowbit.errors.RecipeError`` (a ``ValueError``) naming the key.
@@ -161,6 +209,7 @@ class Recipe:
     allow_saturation: bool = False
     sequential_targets: tuple[str, ...] = ()
     embeddings_and_head: str = "recipe"
+    gptq: GPTQOptions = field(default_factory=GPTQOptions)
     version: int = RECIPE_VERSION
 
     def __post_init__(self) -> None:
