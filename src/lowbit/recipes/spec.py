@@ -25,6 +25,7 @@ ACTIVATION_MODES = ("none", "dynamic", "static")
 WEIGHT_ALGORITHMS = ("rtn", "mse", "gptq", "awq", "smoothquant", "bias_correction")
 EDGE_POLICIES = ("recipe", "int8", "float")
 GPTQ_OBSERVERS = ("minmax", "mse")
+AWQ_SEARCHES = ("layer", "module", "parent", "stage")
 
 
 @dataclass(frozen=True)
@@ -164,6 +165,35 @@ class GPTQOptions:
 
 @dataclass(frozen=True)
 @schema.validated
+class AWQOptions:
+    """How AWQ searches the per-input-channel scales of the layers whose algorithm includes ``awq``.
+
+    Attributes:
+        search: where a candidate scale is judged. ``layer``: at each linear layer's output, from
+            the input's ``X^T X`` over all calibration rows. ``module``: at the output of the
+            smallest module of the stage that contains every layer sharing the input (q / k / v
+            at the attention output, gate / up at the MLP output; one layer alone is judged at
+            its own output, as ``layer``), rerunning that module on recorded inputs.
+            ``parent``: as ``module``, but a layer alone is judged at its parent module's output
+            (a fused qkv projection at the attention output). ``stage``: at the stage's output.
+        duo_scaling: candidates ``mean|x|^a / mean|w|^(1-a)`` (AutoAWQ's default) instead of the
+            paper's ``mean|x|^a``; ``s = 1`` (round to nearest) stays a candidate.
+        search_batches: calibration batches the module is rerun on for every candidate (the first
+            ones; bounds the cost and the memory of the recorded inputs).
+    """
+
+    search: str = "layer"
+    duo_scaling: bool = False
+    search_batches: int = 8
+
+    def __post_init__(self) -> None:
+        _check_choice("awq search", self.search, AWQ_SEARCHES)
+        if self.search_batches < 1:
+            raise ValueError(f"awq.search_batches must be >= 1, got {self.search_batches}")
+
+
+@dataclass(frozen=True)
+@schema.validated
 class Recipe:
     """A complete quantization plan for a model.
 
@@ -190,6 +220,8 @@ class Recipe:
             warning that gives the counts.
         gptq: ``GPTQOptions`` for every layer quantized with ``gptq`` (act-order, static groups,
             damping, block size, the observer choosing the scales).
+        awq: ``AWQOptions`` for every layer whose algorithm includes ``awq`` (where candidate
+            scales are judged, duo scaling, how many batches the search reruns).
 
     Every field is type-checked (strictly: ``symmetric: 'no'`` is not ``False``, a string is not a
     list); any problem raises ``lowbit.errors.RecipeError`` (a ``ValueError``) naming the key.
@@ -210,6 +242,7 @@ class Recipe:
     sequential_targets: tuple[str, ...] = ()
     embeddings_and_head: str = "recipe"
     gptq: GPTQOptions = field(default_factory=GPTQOptions)
+    awq: AWQOptions = field(default_factory=AWQOptions)
     version: int = RECIPE_VERSION
 
     def __post_init__(self) -> None:
