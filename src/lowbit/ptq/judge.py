@@ -112,6 +112,9 @@ class ModuleJudge:
     def __init__(self, name: str, module: nn.Module) -> None:
         self.name, self.module = name, module
         self.calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+        # The float output for one group's search (its key: the matrices it replaces); a later
+        # group meets the module with the earlier groups quantized, so it gets its own.
+        self._reference: tuple[tuple[Any, ...], list[torch.Tensor]] | None = None
 
     def _outputs(self) -> Iterator[torch.Tensor]:
         for args, kwargs in self.calls:
@@ -123,11 +126,15 @@ class ModuleJudge:
 
     def error(self, candidate: list[tuple[LayerPlan, Matrix, torch.Tensor]]) -> float:
         """Mean squared difference at the module's output between the weights in ``candidate``
-        (layer, matrix, value) and the module's current ones, over the recorded calls."""
+        (layer, matrix, value) and the module's current ones, over the recorded calls. The
+        current output is computed once per set of replaced matrices (one group's search)."""
         if not candidate or not self.calls:
             return 0.0
+        key = tuple((layer.name, m.param, m.rows) for layer, m, _ in candidate)
         with torch.no_grad(), single_thread():
-            reference = list(self._outputs())
+            if self._reference is None or self._reference[0] != key:
+                self._reference = (key, list(self._outputs()))
+            reference = self._reference[1]
             saved = [read(layer, m) for layer, m, _ in candidate]
             try:
                 for layer, m, value in candidate:
