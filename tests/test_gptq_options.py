@@ -96,6 +96,8 @@ def test_gptq_options_round_trip_and_default_to_todays_behaviour() -> None:
     assert Recipe.from_yaml(recipe.to_yaml()) == recipe
     assert Recipe.from_dict(recipe.to_dict()).gptq == options
     assert Recipe.from_dict({}).gptq == GPTQOptions()
+    # Left at the defaults, the block is not written: the dict (and artifact manifests) as before.
+    assert "gptq" not in Recipe().to_dict() and recipe.to_dict()["gptq"]["act_order"] is True
     # The defaults are gptq_quantize's own, so a recipe without the block quantizes as before.
     defaults = {
         k: p.default

@@ -287,6 +287,11 @@ class Recipe:
         for w in [d["weight"]] + [o.get("weight") for o in d["overrides"]]:
             if w and isinstance(w["algorithm"], tuple):
                 w["algorithm"] = list(w["algorithm"])  # YAML's safe dumper has no tuples
+        # Algorithm options only when set: a recipe that leaves them alone keeps the dict (and the
+        # artifact manifests that carry it) it had before they existed; reading fills the defaults.
+        for key, default in (("gptq", GPTQOptions()), ("awq", AWQOptions())):
+            if getattr(self, key) == default:
+                del d[key]
         return d
 
     @classmethod
