@@ -7,7 +7,11 @@ quantizes it through ``lowbit.quantize`` and measures held-out perplexity:
    the embeddings float) at int4 g128 symmetric, int3 g128 symmetric and uint4 g64 asymmetric,
    by round to nearest, GPTQ, AWQ and AWQ then GPTQ, with the share of RTN's perplexity
    increase that each removes, ``(ppl_rtn - ppl) / (ppl_rtn - ppl_float)``;
-2. the presets: ``int4-weight-only`` against every data-aware preset.
+2. the presets: ``int4-weight-only`` against every data-aware preset;
+3. with ``--gptq-options``, instead: GPTQ's recipe options (act-order with static groups, static
+   groups alone, the MSE observer) on the same layers and grids;
+4. with ``--awq-options``, instead: where AWQ judges its candidate scales (``awq.search``) and
+   duo scaling, for AWQ and AWQ then GPTQ.
 
 Each row also gives the quantization's wall time. Too slow for the test suite.
 
@@ -27,7 +31,7 @@ import torch
 
 import lowbit
 from lowbit.eval.perplexity import perplexity
-from lowbit.recipes import Recipe, WeightSpec
+from lowbit.recipes import AWQOptions, GPTQOptions, Recipe, WeightSpec
 from lowbit.zoo.tinygpt import TinyGPTConfig, get_tiny_gpt
 
 GRIDS = {
@@ -36,6 +40,18 @@ GRIDS = {
     "uint4 g64 asym": dict(format="uint4", granularity="group:64", symmetric=False),
 }
 ALGORITHMS = {"RTN": "rtn", "GPTQ": "gptq", "AWQ": "awq", "AWQ+GPTQ": ("awq", "gptq")}
+GPTQ_VARIANTS = {
+    "default": GPTQOptions(),
+    "static groups": GPTQOptions(static_groups=True),
+    "act-order": GPTQOptions(act_order=True, static_groups=True),
+    "mse observer": GPTQOptions(observer="mse"),
+    "act-order + mse": GPTQOptions(act_order=True, static_groups=True, observer="mse"),
+}
+AWQ_VARIANTS = {
+    f"{search}{' duo' if duo else ''}": AWQOptions(search=search, duo_scaling=duo)
+    for duo in (False, True)
+    for search in ("layer", "module", "parent", "stage")
+}
 PRESETS = ("int4-weight-only", "int4-gptq", "int4-awq", "int4-awq-gptq", "int3-gptq")
 
 
@@ -48,6 +64,12 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--eval-batches", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--gptq-options", action="store_true", help="only the table of GPTQ's options")
+    parser.add_argument("--awq-options", action="store_true", help="only the table of AWQ's options")
+    parser.add_argument("--grids", default=",".join(GRIDS), help="comma-separated subset of the grids")
+    parser.add_argument("--awq-variants", default=",".join(AWQ_VARIANTS), help="subset for --awq-options")
+    parser.add_argument("--awq-gptq", action="store_true", help="--awq-options: also AWQ then GPTQ")
+    parser.add_argument("--no-references", action="store_true", help="--awq-options: skip RTN / GPTQ rows")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
@@ -61,6 +83,39 @@ def main() -> None:
         started = time.perf_counter()
         q = lowbit.quantize(zm.model, recipe, calibration=zm.calibration, progress=False)
         return perplexity(q, zm.eval_data), time.perf_counter() - started
+
+    grids = {g: GRIDS[g] for g in args.grids.split(",")}
+    if args.awq_options:
+        algorithms = ("awq", ("awq", "gptq")) if args.awq_gptq else ("awq",)
+        print("| linear layers at | awq.search | AWQ | AWQ+GPTQ |\n|---|---|---:|---:|")
+        for variant in args.awq_variants.split(","):
+            for grid, spec in grids.items():
+                if not args.no_references and variant == args.awq_variants.split(",")[0]:
+                    for name in ("rtn", "gptq"):
+                        weight = WeightSpec(**spec, algorithm=name)
+                        ppl, seconds = run(Recipe(weight=weight, modules=("linear",)))
+                        print(f"| {grid} | {name} reference | {ppl:.4f} ({seconds:.0f} s) | |", flush=True)
+                cells = []
+                for algorithm in algorithms:
+                    weight = WeightSpec(**spec, algorithm=algorithm)
+                    recipe = Recipe(weight=weight, modules=("linear",), awq=AWQ_VARIANTS[variant])
+                    ppl, seconds = run(recipe)
+                    cells.append(f"{ppl:.4f} ({seconds:.0f} s)")
+                print(f"| {grid} | {variant} | " + " | ".join(cells) + " |", flush=True)
+        return
+    if args.gptq_options:
+        print("| linear layers at | RTN | " + " | ".join(f"GPTQ {v}" for v in GPTQ_VARIANTS) + " |")
+        print("|---|" + "---:|" * (1 + len(GPTQ_VARIANTS)))
+        for grid, spec in grids.items():
+            rtn, _ = run(Recipe(weight=WeightSpec(**spec, algorithm="rtn"), modules=("linear",)))
+            cells = [f"{rtn:.4f}"]
+            for options in GPTQ_VARIANTS.values():
+                weight = WeightSpec(**spec, algorithm="gptq")
+                recipe = Recipe(weight=weight, modules=("linear",), gptq=options)
+                ppl, seconds = run(recipe)
+                cells.append(f"{ppl:.4f}, {(rtn - ppl) / (rtn - base) * 100:.0f}% ({seconds:.0f} s)")
+            print(f"| {grid} | " + " | ".join(cells) + " |", flush=True)
+        return
 
     print("| linear layers at | " + " | ".join(ALGORITHMS) + " |")
     print("|---|" + "---:|" * len(ALGORITHMS))

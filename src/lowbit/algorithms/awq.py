@@ -24,14 +24,18 @@ sum((D @ G) * D)`` for ``D = W - Q``, so the sample size does not enter the sear
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from lowbit.algorithms.rtn import search_clip
 from lowbit.formats import Format
-from lowbit.granularity import Granularity, block_shape
+from lowbit.granularity import Granularity, block_shape, to_blocks
 from lowbit.primitives import QParams, check_finite, choose_qparams, dequantize, quantize
+
+# A caller's error of candidate effective weights ``Q(W * s) / s`` (one per weight, in order),
+# e.g. measured at the output of the module that encloses the layers.
+Loss = Callable[[list[torch.Tensor]], float]
 
 # Candidate clip ratios as in the paper's code: shrink each block's range by up to half, in 5% steps.
 DEFAULT_CLIP_GRID = 20
@@ -107,6 +111,36 @@ def scales_for_alpha(act_mean: torch.Tensor, alpha: float) -> torch.Tensor:
     return s / torch.sqrt(s.max() * s.min())
 
 
+def weight_mean(weights: Sequence[torch.Tensor], granularity: Granularity) -> torch.Tensor:
+    """Mean over output rows of ``|w|`` normalised by each quantization block's max (AutoAWQ's
+    ``w_mean`` for duo scaling), over the rows of every weight sharing the input.
+
+    >>> from lowbit.granularity import PerChannel
+    >>> weight_mean([torch.tensor([[1.0, 2.0], [4.0, 1.0]])], PerChannel(0)).tolist()
+    [0.75, 0.625]
+    """
+    rows = []
+    for w in weights:
+        w = w.detach().float().abs()
+        block = block_shape(granularity, w.shape)
+        top = to_blocks(w, block).amax(dim=(1, 3), keepdim=True)  # [row blocks, 1, col blocks, 1]
+        top = top.expand(-1, block[0], -1, block[1]).reshape(-1, top.shape[2] * block[1])
+        rows.append(w / top[: w.shape[0], : w.shape[1]].clamp(min=torch.finfo(torch.float32).tiny))
+    return torch.cat(rows).mean(0)
+
+
+def duo_scales(act_mean: torch.Tensor, w_mean: torch.Tensor, alpha: float) -> torch.Tensor:
+    """AutoAWQ's duo-scaling candidate ``mean|x|^alpha / w_mean^(1 - alpha)``, normalised so that
+    ``max(s) * min(s) = 1`` (as ``scales_for_alpha``).
+
+    >>> duo_scales(torch.tensor([1.0, 4.0]), torch.tensor([1.0, 1.0]), 0.5).tolist()
+    [0.7071067690849304, 1.4142135381698608]
+    """
+    a = act_mean.detach().float().clamp(min=1e-4).pow(alpha)
+    s = (a / (w_mean.float().pow(1.0 - alpha) + 1e-4)).clamp(min=1e-4)
+    return s / torch.sqrt(s.max() * s.min())
+
+
 def _quantized(w: torch.Tensor, fmt: Format, granularity: Granularity, symmetric: bool) -> torch.Tensor:
     qp = choose_qparams(w, fmt, granularity, symmetric)
     return dequantize(quantize(w, fmt, qp), fmt, qp)
@@ -121,6 +155,8 @@ def awq_search_scales(
     act_mean: torch.Tensor | None = None,
     n_grid: int = 20,
     gram_matrix: torch.Tensor | None = None,
+    duo_scaling: bool = False,
+    loss: Loss | None = None,
 ) -> torch.Tensor:
     """Per-input-channel scales ``s`` (float32 ``[in]``) that minimise the quantized output error.
 
@@ -133,9 +169,14 @@ def awq_search_scales(
         n_grid: ``alpha`` is searched over ``0, 1/n_grid, ..., 1``.
         gram_matrix: ``X^T X / n`` over all calibration rows (``gram``), accumulated by the
             caller; with it (and ``act_mean``) ``x`` may be ``None``.
+        duo_scaling: candidates ``mean|x|^alpha / w_mean^(1-alpha)`` (AutoAWQ's default), with
+            ``w_mean`` from ``weight_mean``; ``s = 1`` is tried first as well.
+        loss: judge each candidate by ``loss(effective weights)`` instead of the layer-output
+            error (for example at the output of the module that contains the layers); then
+            neither ``x`` nor ``gram_matrix`` is needed.
 
-    Apply as ``w * s`` (columns) for the weight and ``x / s`` for the input. ``alpha = 0`` gives
-    ``s = 1`` (plain RTN), which is returned when nothing beats it.
+    Apply as ``w * s`` (columns) for the weight and ``x / s`` for the input. ``s = 1`` (plain
+    RTN) is a candidate, and is returned when nothing beats it.
 
     >>> import lowbit.formats as F
     >>> from lowbit.granularity import PerChannel
@@ -147,7 +188,7 @@ def awq_search_scales(
     cols = weights[0].shape[1]
     if n_grid < 1:
         raise ValueError(f"n_grid must be >= 1, got {n_grid}")
-    g = _gram_of(x, gram_matrix, cols).to(weights[0].device)
+    g = None if loss is not None else _gram_of(x, gram_matrix, cols).to(weights[0].device)
     if act_mean is None:
         if x is None:
             raise ValueError("AWQ needs act_mean when it is given a Gram matrix instead of inputs")
@@ -156,16 +197,23 @@ def awq_search_scales(
         raise ValueError(f"act_mean must have shape [{cols}], got {tuple(act_mean.shape)}")
     act_mean = act_mean.to(weights[0].device)
 
+    floats = [w.detach().float() for w in weights]
+    if duo_scaling:
+        w_mean = weight_mean(floats, granularity).to(act_mean.device)
+        ones = torch.ones(cols, device=weights[0].device)
+        candidates = [ones] + [duo_scales(act_mean, w_mean, i / n_grid) for i in range(n_grid + 1)]
+    else:  # alpha = 0 gives s = 1 exactly
+        candidates = [scales_for_alpha(act_mean, i / n_grid) for i in range(n_grid + 1)]
     best_s = torch.ones(cols, device=weights[0].device)
     best_err = float("inf")
-    for i in range(n_grid + 1):
-        s = scales_for_alpha(act_mean, i / n_grid)
-        err = 0.0
-        for w in weights:
-            w = w.detach().float()
-            # Error of the effective weight Q(W * s) / s, the one that multiplies the unscaled x.
-            effective = _quantized(w * s, fmt, granularity, symmetric) / s
-            err += output_mse(w, effective, g)
+    for s in candidates:
+        # The effective weights Q(W * s) / s: what multiplies the unscaled x.
+        effective = [_quantized(w * s, fmt, granularity, symmetric) / s for w in floats]
+        if loss is not None:
+            err = float(loss(effective))
+        else:
+            assert g is not None
+            err = sum(output_mse(w, e, g) for w, e in zip(floats, effective, strict=True))
         if err < best_err:
             best_err, best_s = err, s
     return best_s.float()

@@ -34,12 +34,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowbit.algorithms.rtn import choose_weight_qparams
 from lowbit.formats import Format
 from lowbit.granularity import Granularity, PerChannel, PerGroup, PerTensor, block_shape
-from lowbit.primitives import QParams, check_finite, choose_qparams
+from lowbit.primitives import QParams, check_finite
 
 # Default weight granularity: one scale per output channel (row).
 PER_ROW = PerChannel(0)
+
+# Observers that choose each group's scale inside GPTQ, and the weight algorithm that implements them.
+OBSERVERS = {"minmax": "rtn", "mse": "mse"}
 
 # How many times the damping is multiplied by 10 when a Hessian is not numerically positive definite.
 DAMP_RETRIES = 6
@@ -220,6 +224,8 @@ def gptq_quantize(
     block_size: int = 128,
     percdamp: float = 0.01,
     act_order: bool = False,
+    static_groups: bool | None = None,
+    observer: str = "minmax",
 ) -> tuple[torch.Tensor, QParams]:
     """Quantize ``weight`` ``[out, in]`` with GPTQ; returns ``(codes, qparams)`` for ``dequantize``.
 
@@ -236,14 +242,21 @@ def gptq_quantize(
         percdamp: damping added to the diagonal, as a fraction of its mean.
         act_order: quantize columns in order of decreasing Hessian diagonal (the inputs with the
             most energy first, while the most columns remain to absorb their error). Groups stay
-            contiguous in the original column order and all group ranges are taken up front from
-            the original weight ("static groups"), so the result needs no column permutation.
+            contiguous in the original column order, so it needs static groups: the result then
+            needs no column permutation (which lowbit's weight format does not store).
+        static_groups: take every group's range up front from the original weight. ``None``
+            (default) means ``act_order``; ``act_order=True`` with ``static_groups=False`` is
+            refused (``ValueError``).
+        observer: how each scale is chosen: ``minmax`` (the full range) or ``mse`` (the clip
+            ratio with the smallest squared weight error, searched per group on the weights the
+            scale is taken from, as AutoGPTQ's ``mse`` option).
 
-    Without ``act_order``, each group's range is taken when its first column is reached, from
-    the weights as updated so far (the remaining columns already carry the compensation for the
-    columns quantized before them). Per-channel and per-tensor ranges come from the original
-    weight. Inputs that never fire (zero Hessian diagonal) get no compensation: their columns are
-    rounded to nearest and do not affect the others. The reference implementation zeroes them
+    With dynamic groups (the default without ``act_order``), each group's range is taken when
+    its first column is reached, from the weights as updated so far (the remaining columns
+    already carry the compensation for the columns quantized before them). Per-channel and
+    per-tensor ranges come from the original weight. Inputs that never fire (zero Hessian
+    diagonal) get no compensation: their columns are rounded to nearest and do not affect the
+    others. The reference implementation zeroes them
     instead; rounding keeps a sensible weight for inputs the calibration data happened not to hit.
 
     >>> import lowbit.formats as F
@@ -257,13 +270,23 @@ def gptq_quantize(
         raise ValueError(f"block_size must be >= 1, got {block_size}")
     if percdamp < 0:
         raise ValueError(f"percdamp must be >= 0, got {percdamp}")
+    if static_groups is None:
+        static_groups = act_order
+    if act_order and not static_groups:
+        raise ValueError(
+            "act_order without static groups would reorder the columns inside groups and need a "
+            "stored column permutation, which lowbit's weight format does not have: set static_groups"
+        )
+    if observer not in OBSERVERS:
+        raise ValueError(f"unknown GPTQ observer {observer!r}; choose one of {', '.join(OBSERVERS)}")
+    algorithm = OBSERVERS[observer]
     rows, cols = weight.shape
     device = weight.device
     w = weight.detach().float().clone()
     block = block_shape(granularity, w.shape)
     if w.numel() == 0:
-        return torch.empty(w.shape, dtype=fmt.code_dtype, device=device), choose_qparams(
-            w, fmt, granularity, symmetric
+        return torch.empty(w.shape, dtype=fmt.code_dtype, device=device), choose_weight_qparams(
+            w, fmt, granularity, symmetric, algorithm
         )
 
     h = hessian.detach().to(device=device, dtype=torch.float32).clone()
@@ -273,13 +296,13 @@ def gptq_quantize(
 
     group = block[1] if isinstance(granularity, PerGroup) else cols
     n_groups = math.ceil(cols / group)
-    dynamic_groups = isinstance(granularity, PerGroup) and not act_order and n_groups > 1
+    dynamic_groups = isinstance(granularity, PerGroup) and not static_groups and n_groups > 1
     if dynamic_groups:
         scale = torch.empty(rows, n_groups, device=device)
         zero_point = None if symmetric else torch.empty(rows, n_groups, dtype=torch.int32, device=device)
     else:
         # Shapes [1 or rows, n_groups]: per tensor [1, 1], per channel [rows, 1], groups [rows, G].
-        upfront = choose_qparams(w, fmt, granularity, symmetric)
+        upfront = choose_weight_qparams(w, fmt, granularity, symmetric, algorithm)
         scale, zero_point = upfront.scale, upfront.zero_point
 
     perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order else None
@@ -304,7 +327,7 @@ def gptq_quantize(
             g = col_group[c]
             if dynamic_groups and c % group == 0:
                 members = _group_columns(w, w1, err1, hinv, i1, i2, c, min(c + group, cols))
-                qp = choose_qparams(members, fmt, PerChannel(0), symmetric)
+                qp = choose_weight_qparams(members, fmt, PerChannel(0), symmetric, algorithm)
                 scale[:, g] = qp.scale[:, 0]
                 if zero_point is not None and qp.zero_point is not None:
                     zero_point[:, g] = qp.zero_point[:, 0]

@@ -35,6 +35,7 @@ from lowbit.granularity import PerChannel, PerGroup, PerTensor, parse
 from lowbit.nn.layers import quantize_weight
 from lowbit.nn.qweight import QuantizedWeight
 from lowbit.primitives import QParams, check_finite, dequantize, quantize
+from lowbit.ptq.judge import ModuleJudge
 from lowbit.ptq.matrices import Matrix, matrices, read
 from lowbit.ptq.plan import LayerPlan
 from lowbit.ptq.stats import Group, InputStats
@@ -231,8 +232,11 @@ class _Entry:
     original: torch.Tensor
 
 
-def apply_group(group: Group, recipe: Recipe) -> dict[str, LayerResult]:
-    """Run the group's sequence on every matrix of its layers, from the group's statistics."""
+def apply_group(group: Group, recipe: Recipe, judge: ModuleJudge | None = None) -> dict[str, LayerResult]:
+    """Run the group's sequence on every matrix of its layers, from the group's statistics.
+
+    With a ``judge`` (``lowbit.ptq.judge``), AWQ's scale search measures each candidate at the
+    output of the judge's module (rerun on recorded inputs) instead of at each layer's output."""
     steps = group.sequence
     q = _quantizer_index(steps)
     quantizer, scalers, post = steps[q], list(steps[:q]), steps[q + 1 :]
@@ -266,6 +270,14 @@ def apply_group(group: Group, recipe: Recipe) -> dict[str, LayerResult]:
                 spec = first.layer.weight
                 assert spec is not None
                 act = stats.abs_mean() if c is None else stats.abs_mean() / c
+                loss = None
+                if judge is not None and first.m.taps == 1:
+
+                    def loss(effective: list[torch.Tensor], items=items, c=c, judge=judge) -> float:
+                        # What x itself meets: an earlier divisor c is undone as well.
+                        pairs = zip(items, effective, strict=True)
+                        return judge.error([(e.layer, e.m, v if c is None else v / c) for e, v in pairs])
+
                 with single_thread():  # small ops; one thread keeps results independent of threads
                     s = awq_search_scales(
                         ws,
@@ -274,7 +286,9 @@ def apply_group(group: Group, recipe: Recipe) -> dict[str, LayerResult]:
                         parse(spec.granularity),
                         spec.symmetric,
                         act_mean=_per_channel(act, first.m.taps),
-                        gram_matrix=_scaled_gram(stats, c),
+                        gram_matrix=None if loss is not None else _scaled_gram(stats, c),
+                        duo_scaling=recipe.awq.duo_scaling,
+                        loss=loss,
                     )
             s = s.to(first.w.device)
             divisor[source] = s if c is None else c * s
@@ -294,7 +308,19 @@ def apply_group(group: Group, recipe: Recipe) -> dict[str, LayerResult]:
             assert stats is not None
             hessian = (2.0 * _scaled_gram(stats, c)).float()
             with single_thread():  # many small ops: a second thread only adds sync cost
-                c_codes, qp = gptq_quantize(e.w, hessian, fmt, g, spec.symmetric)
+                o = recipe.gptq
+                c_codes, qp = gptq_quantize(
+                    e.w,
+                    hessian,
+                    fmt,
+                    g,
+                    spec.symmetric,
+                    block_size=o.block_size,
+                    percdamp=o.damping,
+                    act_order=o.act_order,
+                    static_groups=o.static_groups,
+                    observer=o.observer,
+                )
                 rtn_qp = choose_weight_qparams(e.w, fmt, g, spec.symmetric, "rtn")
                 rtn = dequantize(quantize(e.w, fmt, rtn_qp), fmt, rtn_qp)
                 info = {

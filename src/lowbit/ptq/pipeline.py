@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 
 from lowbit.ptq.cache import ActivationCache, MemoryBudget
 from lowbit.ptq.convert import model_device, to_device
+from lowbit.ptq.judge import ModuleJudge, plan_judges, record
 from lowbit.ptq.matrices import write
 from lowbit.ptq.modifiers import LayerResult, Notes, apply_group, layer_sequence, needs_data, quantize_rtn
 from lowbit.ptq.plan import LayerPlan, plan_model
@@ -296,7 +297,9 @@ class _Pipeline:
                 with torch.no_grad():
                     module.bias += shift
 
-    def _quantize(self, observer: StageObserver, layers: list[LayerPlan]) -> None:
+    def _quantize(
+        self, observer: StageObserver, layers: list[LayerPlan], judges: dict[int, ModuleJudge] | None = None
+    ) -> None:
         seen = {layer.name for g in observer.groups for layer in g.layers}
         for layer in layers:
             if layer.name not in seen:
@@ -310,7 +313,8 @@ class _Pipeline:
                     self.few_rows.append(
                         (group.names[0] + (f" ({source})" if source != "x" else ""), stats.cols, stats.count)
                     )
-            for name, result in apply_group(group, self.recipe).items():
+            judge = (judges or {}).get(id(group))
+            for name, result in apply_group(group, self.recipe, judge).items():
                 self._keep(next(layer for layer in group.layers if layer.name == name), result)
 
     def _warn_few_rows(self) -> None:
@@ -430,8 +434,16 @@ class _Pipeline:
                 runs += 1
                 stats_bytes = observer.nbytes
                 groups = [g.names for g in observer.groups]
-                self._quantize(observer, layers)
-                del observer
+                # AWQ judged at an enclosing module: record that module's inputs on a few batches.
+                judges = plan_judges(self.recipe.awq.search, name, stage, observer.groups)
+                if judges:
+                    unique = list({id(j): j for j in judges.values()}.values())
+                    count = min(len(self.batches), self.recipe.awq.search_batches)
+                    record(stage, (inputs(index, cache) for index in range(count)), unique)
+                    runs += 1
+                    stats_bytes += sum(j.nbytes for j in unique)
+                self._quantize(observer, layers, judges)
+                del observer, judges
             spilled = 0
             if i < len(stages) - 1:
                 if slot is None:

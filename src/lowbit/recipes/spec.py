@@ -25,6 +25,8 @@ MODULE_KINDS = ("linear", "conv", "embedding", "rnn")
 ACTIVATION_MODES = ("none", "dynamic", "static")
 WEIGHT_ALGORITHMS = ("rtn", "mse", "gptq", "awq", "smoothquant", "bias_correction")
 EDGE_POLICIES = ("recipe", "int8", "float")
+GPTQ_OBSERVERS = ("minmax", "mse")
+AWQ_SEARCHES = ("layer", "module", "parent", "stage")
 
 
 @dataclass(frozen=True)
@@ -131,6 +133,80 @@ class LayerRule:
 
 @dataclass(frozen=True)
 @schema.validated
+class GPTQOptions:
+    """How GPTQ quantizes the layers whose algorithm includes ``gptq`` (the defaults are the
+    GPTQ paper's and lowbit's behaviour before these options existed).
+
+    Attributes:
+        act_order: quantize input columns in order of decreasing Hessian diagonal (the inputs
+            with the most energy first). Needs ``static_groups: true``: lowbit stores no column
+            permutation, so groups must stay contiguous in the original column order.
+        static_groups: take every group's scale up front from the original weight, instead of
+            when GPTQ reaches the group's first column, from the weights as updated so far.
+        damping: added to the Hessian's diagonal, as a fraction of its mean (AutoGPTQ's
+            ``damp_percent``); grows tenfold on its own while the Hessian is not positive definite.
+        block_size: columns per lazy-update block (speed and memory; the result is the same up to
+            float rounding).
+        observer: how each group's scale is chosen inside GPTQ: ``minmax`` (the full range) or
+            ``mse`` (the clip ratio with the smallest squared weight error, as AutoGPTQ's ``mse``).
+
+    >>> GPTQOptions(act_order=True, static_groups=True).observer
+    'minmax'
+    """
+
+    act_order: bool = False
+    static_groups: bool = False
+    damping: float = 0.01
+    block_size: int = 128
+    observer: str = "minmax"
+
+    def __post_init__(self) -> None:
+        if self.act_order and not self.static_groups:
+            raise ValueError(
+                "gptq.act_order needs gptq.static_groups: true; act-order with groups taken as the "
+                "columns are reached would need a stored column permutation, which lowbit's weight "
+                "format does not have"
+            )
+        if not 0.0 <= self.damping <= 1.0:
+            raise ValueError(
+                f"gptq.damping must be in [0, 1] (a fraction of the mean diagonal), got {self.damping}"
+            )
+        if self.block_size < 1:
+            raise ValueError(f"gptq.block_size must be >= 1, got {self.block_size}")
+        _check_choice("gptq observer", self.observer, GPTQ_OBSERVERS)
+
+
+@dataclass(frozen=True)
+@schema.validated
+class AWQOptions:
+    """How AWQ searches the per-input-channel scales of the layers whose algorithm includes ``awq``.
+
+    Attributes:
+        search: where a candidate scale is judged. ``layer``: at each linear layer's output, from
+            the input's ``X^T X`` over all calibration rows. ``module``: at the output of the
+            smallest module of the stage that contains every layer sharing the input (q / k / v
+            at the attention output, gate / up at the MLP output; one layer alone is judged at
+            its own output, as ``layer``), rerunning that module on recorded inputs.
+            ``parent``: as ``module``, but a layer alone is judged at its parent module's output
+            (a fused qkv projection at the attention output). ``stage``: at the stage's output.
+        duo_scaling: candidates ``mean|x|^a / mean|w|^(1-a)`` (AutoAWQ's default) instead of the
+            paper's ``mean|x|^a``; ``s = 1`` (round to nearest) stays a candidate.
+        search_batches: calibration batches the module is rerun on for every candidate (the first
+            ones; bounds the cost and the memory of the recorded inputs).
+    """
+
+    search: str = "layer"
+    duo_scaling: bool = False
+    search_batches: int = 8
+
+    def __post_init__(self) -> None:
+        _check_choice("awq search", self.search, AWQ_SEARCHES)
+        if self.search_batches < 1:
+            raise ValueError(f"awq.search_batches must be >= 1, got {self.search_batches}")
+
+
+@dataclass(frozen=True)
+@schema.validated
 class Recipe:
     """A complete quantization plan for a model.
 
@@ -155,6 +231,10 @@ class Recipe:
             (``fp16`` stores 1e6 as 65504); ``False`` refuses such a model with a ``ModelError``
             naming each layer and its count of saturated values, ``True`` quantizes it with a
             warning that gives the counts.
+        gptq: ``GPTQOptions`` for every layer quantized with ``gptq`` (act-order, static groups,
+            damping, block size, the observer choosing the scales).
+        awq: ``AWQOptions`` for every layer whose algorithm includes ``awq`` (where candidate
+            scales are judged, duo scaling, how many batches the search reruns).
 
     Every field is type-checked (strictly: ``symmetric: 'no'`` is not ``False``, a string is not a
     list); any problem raises ``lowbit.errors.RecipeError`` (a ``ValueError``) naming the key.
@@ -174,6 +254,8 @@ class Recipe:
     allow_saturation: bool = False
     sequential_targets: tuple[str, ...] = ()
     embeddings_and_head: str = "recipe"
+    gptq: GPTQOptions = field(default_factory=GPTQOptions)
+    awq: AWQOptions = field(default_factory=AWQOptions)
     version: int = RECIPE_VERSION
 
     def __post_init__(self) -> None:
@@ -218,6 +300,11 @@ class Recipe:
         for w in [d["weight"]] + [o.get("weight") for o in d["overrides"]]:
             if w and isinstance(w["algorithm"], tuple):
                 w["algorithm"] = list(w["algorithm"])  # YAML's safe dumper has no tuples
+        # Algorithm options only when set: a recipe that leaves them alone keeps the dict (and the
+        # artifact manifests that carry it) it had before they existed; reading fills the defaults.
+        for key, default in (("gptq", GPTQOptions()), ("awq", AWQOptions())):
+            if getattr(self, key) == default:
+                del d[key]
         return d
 
     @classmethod
