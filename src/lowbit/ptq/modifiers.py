@@ -39,7 +39,7 @@ from lowbit.ptq.judge import ModuleJudge
 from lowbit.ptq.matrices import Matrix, matrices, read
 from lowbit.ptq.plan import LayerPlan
 from lowbit.ptq.stats import Group, InputStats
-from lowbit.recipes.spec import Recipe
+from lowbit.recipes.spec import Recipe, WeightSpec
 from lowbit.threads import single_thread
 
 QUANTIZERS = ("rtn", "mse", "gptq", "awq")
@@ -232,6 +232,40 @@ class _Entry:
     original: torch.Tensor
 
 
+def _gptq(
+    w: torch.Tensor, hessian: torch.Tensor, spec: WeightSpec | None, recipe: Recipe
+) -> tuple[torch.Tensor, QParams, dict[str, float]]:
+    """GPTQ on one matrix with the recipe's options; its error and round-to-nearest's, for the report."""
+    assert spec is not None
+    fmt, g = formats.get(spec.format), parse(spec.granularity)
+    o = recipe.gptq
+    with single_thread():  # many small ops: a second thread only adds sync cost
+        c_codes, qp = gptq_quantize(
+            w,
+            hessian,
+            fmt,
+            g,
+            spec.symmetric,
+            block_size=o.block_size,
+            percdamp=o.damping,
+            act_order=o.act_order,
+            static_groups=o.static_groups,
+            observer=o.observer,
+        )
+        rtn_qp = choose_weight_qparams(w, fmt, g, spec.symmetric, "rtn")
+        rtn = dequantize(quantize(w, fmt, rtn_qp), fmt, rtn_qp)
+        info = {
+            "gptq_error": reconstruction_error(w, dequantize(c_codes, fmt, qp), hessian),
+            "rtn_error": reconstruction_error(w, rtn, hessian),
+        }
+    return c_codes, qp, info
+
+
+def _deq(result: tuple[torch.Tensor, QParams, dict[str, float]], spec: WeightSpec | None) -> torch.Tensor:
+    assert spec is not None
+    return dequantize(result[0], formats.get(spec.format), result[1])
+
+
 def apply_group(group: Group, recipe: Recipe, judge: ModuleJudge | None = None) -> dict[str, LayerResult]:
     """Run the group's sequence on every matrix of its layers, from the group's statistics.
 
@@ -295,6 +329,36 @@ def apply_group(group: Group, recipe: Recipe, judge: ModuleJudge | None = None) 
             for e in items:
                 e.w = e.w * s
 
+    done: dict[int, tuple[torch.Tensor, QParams, dict[str, float]]] = {}
+    if quantizer == "gptq" and scalers == ["awq"]:
+        # AWQ then GPTQ: GPTQ already compensates much of what AWQ's scales protect, and on some
+        # layers the scaled problem comes out worse. Both results are judged by the same measure
+        # (the layer's output error on the calibration inputs, X^T X of the unscaled input), per
+        # group of layers sharing the scales, and the better one is kept.
+        for source, c in list(divisor.items()):
+            items, stats = by_source[source], group.stats[source]
+            hessian = (2.0 * _scaled_gram(stats, None)).float()
+            scaled_h = (2.0 * _scaled_gram(stats, c)).float()
+            scaled = [_gptq(e.w, scaled_h, e.layer.weight, recipe) for e in items]
+            plain = [_gptq(e.original, hessian, e.layer.weight, recipe) for e in items]
+            cs = c.to(items[0].w.device)
+            err_scaled = sum(
+                reconstruction_error(e.original, _deq(r, e.layer.weight) / cs, hessian)
+                for e, r in zip(items, scaled, strict=True)
+            )
+            err_plain = sum(
+                reconstruction_error(e.original, _deq(r, e.layer.weight), hessian)
+                for e, r in zip(items, plain, strict=True)
+            )
+            keep = scaled if err_scaled <= err_plain else plain
+            if keep is plain:
+                divisor.pop(source)
+                for e in items:
+                    e.w = e.original.clone()
+            for e, r in zip(items, keep, strict=True):
+                r[2]["awq_kept"] = float(keep is scaled)
+                done[id(e)] = r
+
     codes: dict[tuple[str, str], list[tuple[_Entry, torch.Tensor, QParams, dict[str, float]]]] = {}
     for e in entries:
         spec = e.layer.weight
@@ -304,29 +368,11 @@ def apply_group(group: Group, recipe: Recipe, judge: ModuleJudge | None = None) 
         stats = group.stats.get(source)
         c = divisor.get(source)
         info: dict[str, float] = {}
-        if quantizer == "gptq":
+        if id(e) in done:
+            c_codes, qp, info = done[id(e)]
+        elif quantizer == "gptq":
             assert stats is not None
-            hessian = (2.0 * _scaled_gram(stats, c)).float()
-            with single_thread():  # many small ops: a second thread only adds sync cost
-                o = recipe.gptq
-                c_codes, qp = gptq_quantize(
-                    e.w,
-                    hessian,
-                    fmt,
-                    g,
-                    spec.symmetric,
-                    block_size=o.block_size,
-                    percdamp=o.damping,
-                    act_order=o.act_order,
-                    static_groups=o.static_groups,
-                    observer=o.observer,
-                )
-                rtn_qp = choose_weight_qparams(e.w, fmt, g, spec.symmetric, "rtn")
-                rtn = dequantize(quantize(e.w, fmt, rtn_qp), fmt, rtn_qp)
-                info = {
-                    "gptq_error": reconstruction_error(e.w, dequantize(c_codes, fmt, qp), hessian),
-                    "rtn_error": reconstruction_error(e.w, rtn, hessian),
-                }
+            c_codes, qp, info = _gptq(e.w, (2.0 * _scaled_gram(stats, c)).float(), spec, recipe)
         elif quantizer == "awq":
             assert stats is not None
             with single_thread():
