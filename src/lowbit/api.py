@@ -44,7 +44,8 @@ def quantize(
     it. Data-aware algorithms run in the sequential calibration pipeline
     (``lowbit.ptq.pipeline``; ``cache_bytes`` caps the activations it keeps in memory), whose
     per-stage report is ``result.lowbit_calibration``. The float model is left untouched unless
-    ``inplace=True``. Returns the quantized model.
+    ``inplace=True``; the untouched model costs a deep copy (a second float model in memory), so
+    pass ``inplace=True`` when the float model is not needed afterwards. Returns the quantized model.
 
     Bad input is refused before any work, each with one error type naming what is wrong
     (``lowbit.errors``): ``RecipeError`` (the recipe), ``DataError`` (calibration data missing, or
@@ -68,7 +69,15 @@ def quantize(
     work, extra, result = model, {}, None
     if steps or edges:
         work = model if inplace else copy.deepcopy(model)
-        result = calibrate_weights(work, recipe, calibration, progress=progress, cache_bytes=cache_bytes)  # type: ignore[arg-type]
+        # ``work`` is swapped for the quantized layers below: its float weights can go stage by stage.
+        result = calibrate_weights(
+            work,
+            recipe,
+            calibration,  # type: ignore[arg-type]
+            progress=progress,
+            cache_bytes=cache_bytes,
+            release_weights=True,
+        )
         recipe = result.recipe
         extra = {"weights": result.weights, "input_smooth": result.input_smooth}
         if progress:
