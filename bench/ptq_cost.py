@@ -43,6 +43,20 @@ def _status_bytes(key: str) -> int:
     raise RuntimeError(f"{key} not in /proc/self/status")
 
 
+def matmul_gflops(seconds: float = 1.0) -> float:
+    """What the machine delivers right now on a float32 matmul of a block's size (other sessions
+    share the cores, so the run's time is best read against this)."""
+    import torch
+
+    x, w = torch.randn(1024, 768), torch.randn(2048, 768)
+    x @ w.T
+    count, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        x @ w.T
+        count += 1
+    return 2 * 1024 * 768 * 2048 * count / (time.perf_counter() - started) / 1e9
+
+
 def child(args: argparse.Namespace) -> dict:
     """Build the model, quantize it, return the figures (runs in its own process)."""
     import torch
@@ -71,6 +85,7 @@ def child(args: argparse.Namespace) -> dict:
     tokens = torch.randint(0, args.vocab, (args.seqs, args.seq_len), generator=g)
     batches = list(tokens.split(args.batch))
 
+    speed_before, load_before = matmul_gflops(), os.getloadavg()[0]
     calls = [0]
     model.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     started = time.perf_counter()
@@ -84,6 +99,7 @@ def child(args: argparse.Namespace) -> dict:
     )
     seconds = time.perf_counter() - started
     peak = _status_bytes("VmHWM")
+    speed_after, load_after = matmul_gflops(), os.getloadavg()[0]
     result = q.lowbit_calibration
     return {
         "config": {k: getattr(args, k) for k in ("hidden", "layers", "ffn", "heads", "vocab", "preset")},
@@ -108,10 +124,14 @@ def child(args: argparse.Namespace) -> dict:
                 "cached_bytes": s.cached_bytes,
                 "spilled_bytes": s.spilled_bytes,
                 "stats_bytes": s.stats_bytes,
+                "stats_seconds": s.stats_seconds,
+                "quantize_seconds": s.quantize_seconds,
             }
             for s in result.stages
         ],
         "bits_per_param": lowbit.size_report(q).bits_per_param,
+        "matmul_gflops": [speed_before, speed_after],
+        "load_average": [load_before, load_after],
     }
 
 
@@ -124,7 +144,9 @@ def report(r: dict) -> str:
         f"vocab {c['vocab']}: {r['parameters'] / 1e6:.1f}M parameters, {fb / mib:.0f} MiB float",
         f"calibration {cal['sequences']} x {cal['tokens']} tokens in batches of {cal['batch']}; "
         f"preset {c['preset']}; {r['threads']} threads",
-        f"quantize: {r['seconds']:.1f} s, {r['bits_per_param']:.2f} bits / parameter",
+        f"quantize: {r['seconds']:.1f} s, {r['bits_per_param']:.2f} bits / parameter; the machine: "
+        f"{r['matmul_gflops'][0]:.0f} / {r['matmul_gflops'][1]:.0f} GFLOPS on a float32 matmul, load "
+        f"{r['load_average'][0]:.1f} / {r['load_average'][1]:.1f} (before / after)",
         f"RSS: before the model {r['rss_start_bytes'] / mib:.0f} MiB, with the model "
         f"{r['rss_model_bytes'] / mib:.0f} MiB, peak {r['peak_rss_bytes'] / mib:.0f} MiB, "
         f"end {r['rss_end_bytes'] / mib:.0f} MiB",
@@ -134,12 +156,14 @@ def report(r: dict) -> str:
         f"({r['model_passes']} passes over the batches, plus the one-batch probe); "
         f"{len(r['stages'])} stages",
         "",
-        "| stage | layers | runs | s | peak MiB | cached MiB | spilled MiB | stats MiB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| stage | layers | runs | s | of which statistics | modifiers | peak MiB | cached MiB | spilled MiB "
+        "| stats MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in r["stages"]:
         lines.append(
-            f"| {s['name']} | {s['layers']} | {s['runs']} | {s['seconds']:.1f} | "
+            f"| {s['name']} | {s['layers']} | {s['runs']} | {s['seconds']:.1f} | {s['stats_seconds']:.1f} | "
+            f"{s['quantize_seconds']:.1f} | "
             f"{s['peak_memory_bytes'] / mib:.0f} | {s['cached_bytes'] / mib:.0f} | "
             f"{s['spilled_bytes'] / mib:.0f} | {s['stats_bytes'] / mib:.1f} |"
         )

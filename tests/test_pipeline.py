@@ -293,3 +293,51 @@ def test_large_data_free_weights_quantize_in_row_chunks_with_the_same_bytes(monk
             assert torch.equal(a.state_dict()[key], value), (layer.name, key)
         (m, value), = expected.effective
         assert torch.equal(layer.module.weight.detach().reshape(value.shape), value), layer.name
+
+
+@pytest.mark.parametrize("hessian, moments", [(True, False), (False, True), (True, True)])
+def test_input_stats_find_nan_inf_from_column_sums(hessian, moments):
+    from lowbit.ptq.stats import InputStats
+
+    good = torch.randn(16, 4)
+    st = InputStats(4, hessian, "layer demo", moments=moments)
+    st.update(good)
+    assert (st.xtx is not None) == hessian and (st.abs_sum is not None) == moments
+    for bad_value in (float("nan"), float("inf"), -float("inf")):
+        bad = good.clone()
+        bad[3, 2] = bad_value
+        with pytest.raises(ValueError, match="layer demo received NaN or Inf"):
+            st.update(bad)
+    assert st.count == 16  # nothing of a refused batch was added
+    huge = good.clone()
+    huge[0, 0] = 1e30  # finite, but its square is not
+    if hessian:
+        with pytest.raises(ValueError, match="squares overflow"):
+            st.update(huge)
+    if not moments:
+        with pytest.raises(RuntimeError, match="moments were not collected"):
+            st.mean()
+
+
+def test_gptq_alone_collects_no_moments_bias_correction_does():
+    from lowbit.ptq.stats import InputStats
+
+    torch.manual_seed(0)
+    model, data = Stack(n=2), batches()
+    observed: list[InputStats] = []
+    original = InputStats.__init__
+
+    def spy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        observed.append(self)
+
+    InputStats.__init__ = spy
+    try:
+        calibrate_weights(copy.deepcopy(model), GPTQ, data, progress=False)
+        alone, observed[:] = list(observed), []
+        corrected = Recipe(weight=GPTQ.weight, bias_correction=True)
+        calibrate_weights(copy.deepcopy(model), corrected, data, progress=False)
+    finally:
+        InputStats.__init__ = original
+    assert alone and all(s.abs_sum is None and s.xtx is not None for s in alone)
+    assert observed and all(s.abs_sum is not None and s.xtx is not None for s in observed)

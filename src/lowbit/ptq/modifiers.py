@@ -342,7 +342,7 @@ def apply_group(group: Group, recipe: Recipe) -> dict[str, LayerResult]:
         info: dict[str, float] = {}
         if quantizer == "gptq":
             assert stats is not None
-            hessian = (2.0 * _scaled_gram(stats, c)).float()
+            hessian = _scaled_gram(stats, c).mul_(2.0).float()  # in place: one float64 copy less
             with single_thread():  # many small ops: a second thread only adds sync cost
                 c_codes, qp = gptq_quantize(e.w, hessian, fmt, g, spec.symmetric)
                 rtn_qp = choose_weight_qparams(e.w, fmt, g, spec.symmetric, "rtn")

@@ -77,6 +77,8 @@ class StageReport:
     cached_bytes: int  # activations held in memory at the stage's end
     spilled_bytes: int  # activations written to disk by this stage
     stats_bytes: int  # statistics (Hessians, ...) held while the stage was quantized
+    stats_seconds: float = 0.0  # of ``seconds``: accumulating the statistics (X^T X, ...)
+    quantize_seconds: float = 0.0  # of ``seconds``: the modifiers (GPTQ, AWQ searches, ...)
 
 
 @dataclass
@@ -96,7 +98,8 @@ class CalibrationResult:
         lines = [f"{len(self.stages)} stages ({self.layout}), {self.model_passes} passes of the whole model"]
         for s in self.stages:
             lines.append(
-                f"  {s.name}: {s.layers} layers in {len(s.groups)} groups, {s.runs} runs, {s.seconds:.2f} s, "
+                f"  {s.name}: {s.layers} layers in {len(s.groups)} groups, {s.runs} runs, {s.seconds:.2f} s "
+                f"(statistics {s.stats_seconds:.2f}, modifiers {s.quantize_seconds:.2f}), "
                 f"peak {s.peak_memory_bytes / 2**20:.0f} MiB, spilled {s.spilled_bytes / 2**20:.0f} MiB"
             )
         return "\n".join(lines)
@@ -131,6 +134,30 @@ class _MemoryMeter:
         now = _max_rss()
         # The process-wide high-water mark rose during this stage: that is the stage's peak.
         return max(self.peak, now) if now > self.max_rss_before else self.peak
+
+
+def _load_trim() -> Any:
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim  # glibc only; elsewhere nothing to do
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _load_trim()
+
+
+def trim_heap() -> None:
+    """Hand freed heap memory back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    glibc raises its mmap threshold after a large block is freed, so later blocks of a few MB
+    (per-batch activations, weight chunks) come from the heap, and freed ones stay in the
+    process's RSS: 145 MB after quantizing one 32000 x 768 head. The pipeline trims after
+    each stage, so that what one stage freed does not add to the next one's peak.
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def _max_rss() -> int:
@@ -261,6 +288,7 @@ class _Pipeline:
             if layer.name not in calibrated:
                 apply = layer.name not in self.tied  # else the float weight must stay for its other user
                 self._keep(layer, quantize_rtn(layer, self.sequences[layer.name], apply=apply))
+        trim_heap()
 
         stages = probe.layout.stages
         in_stage: list[list[LayerPlan]] = [[] for _ in stages]
@@ -411,6 +439,7 @@ class _Pipeline:
                 handle.remove()
         self.model_passes += 1
         stats_bytes = observer.nbytes
+        quantize_started = time.perf_counter()
         self._quantize(observer, layers)
         self.reports.append(
             StageReport(
@@ -423,6 +452,8 @@ class _Pipeline:
                 self.budget.used,
                 0,
                 stats_bytes,
+                observer.seconds,
+                time.perf_counter() - quantize_started,
             )
         )
 
@@ -467,6 +498,7 @@ class _Pipeline:
         shared = self._capture(stages[0][1], slot, cache)
         self.stage_names = [name for name, _ in stages]
         self._release_done(None)
+        trim_heap()
 
         def inputs(index: int, source: ActivationCache):
             if slot is None:
@@ -478,7 +510,7 @@ class _Pipeline:
             started, meter = time.perf_counter(), _MemoryMeter(self.device)
             bar.set_postfix_str(name)
             layers = in_stage[i]
-            runs, stats_bytes, groups = 0, 0, []
+            runs, stats_bytes, groups, stats_seconds, quantize_seconds = 0, 0, [], 0.0, 0.0
             if layers:
                 observer = StageObserver(layers, self.sequences)
                 with observer.hooks():
@@ -490,7 +522,9 @@ class _Pipeline:
                 runs += 1
                 stats_bytes = observer.nbytes
                 groups = [g.names for g in observer.groups]
+                stats_seconds, quantize_started = observer.seconds, time.perf_counter()
                 self._quantize(observer, layers)
+                quantize_seconds = time.perf_counter() - quantize_started
                 del observer
             spilled = 0
             if i < len(stages) - 1:
@@ -509,6 +543,7 @@ class _Pipeline:
                 cache.close()
                 cache = outputs
             self._release_done(name)
+            trim_heap()
             self.reports.append(
                 StageReport(
                     name,
@@ -520,6 +555,8 @@ class _Pipeline:
                     self.budget.used,
                     spilled,
                     stats_bytes,
+                    stats_seconds,
+                    quantize_seconds,
                 )
             )
             bar.update()
