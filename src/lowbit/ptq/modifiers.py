@@ -239,7 +239,8 @@ def _rtn_in_chunks(layer: LayerPlan, m: Matrix, spec: WeightSpec, what: str) -> 
     if fmt.family not in ("int", "grid") or block_shape(g, (rows, cols))[0] != 1:
         return None
     step = max(1, RTN_CHUNK_ELEMENTS // cols)
-    codes, scales, zeros = [], [], []
+    codes = torch.empty(rows, cols, dtype=fmt.code_dtype, device=full.device)  # filled chunk by chunk
+    scales, zeros = [], []
     qp = None
     for start in range(0, rows, step):
         stop = min(start + step, rows)
@@ -247,14 +248,14 @@ def _rtn_in_chunks(layer: LayerPlan, m: Matrix, spec: WeightSpec, what: str) -> 
         check_finite(w, what)
         qp = choose_weight_qparams(w, fmt, g, spec.symmetric, spec.algorithm)
         c = quantize(w, fmt, qp)
-        codes.append(c)
+        codes[start:stop] = c
         scales.append(qp.scale)
         zeros.append(qp.zero_point)
         write(layer, dataclasses.replace(m, rows=(start, stop)), dequantize(c, fmt, qp))
     assert qp is not None
     zero_point = None if zeros[0] is None else torch.cat(zeros)  # type: ignore[arg-type]
     joined = QParams(torch.cat(scales), zero_point, qp.block)
-    qw = QuantizedWeight.from_codes(torch.cat(codes), fmt, joined, g, spec.symmetric, (rows, cols))
+    qw = QuantizedWeight.from_codes(codes, fmt, joined, g, spec.symmetric, (rows, cols))
     qw.algorithm = "+".join(spec.steps)
     return qw
 

@@ -288,7 +288,7 @@ class _Pipeline:
             if layer.name not in calibrated:
                 apply = layer.name not in self.tied  # else the float weight must stay for its other user
                 self._keep(layer, quantize_rtn(layer, self.sequences[layer.name], apply=apply))
-        trim_heap()
+                trim_heap()  # one large table's temporaries must not add to the next one's
 
         stages = probe.layout.stages
         in_stage: list[list[LayerPlan]] = [[] for _ in stages]
