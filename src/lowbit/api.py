@@ -45,7 +45,9 @@ def quantize(
     (``lowbit.ptq.pipeline``; ``cache_bytes`` caps the activations it keeps in memory), whose
     per-stage report is ``result.lowbit_calibration``. The float model is left untouched unless
     ``inplace=True``; the untouched model costs a deep copy (a second float model in memory), so
-    pass ``inplace=True`` when the float model is not needed afterwards. Returns the quantized model.
+    pass ``inplace=True`` when the float model is not needed afterwards (data-aware recipes then
+    free each layer's float weight as soon as its stage is done, so ``model`` holds no float
+    weights afterwards). Returns the quantized model.
 
     Bad input is refused before any work, each with one error type naming what is wrong
     (``lowbit.errors``): ``RecipeError`` (the recipe), ``DataError`` (calibration data missing, or
