@@ -207,7 +207,7 @@ def test_default_budget_is_sized_from_the_model_and_spills_with_the_same_result(
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     monkeypatch.setattr(pipeline, "MIN_CACHE_BYTES", 0)
     assert pipeline.default_cache_bytes(model) == int(pipeline.CACHE_MODEL_SHARE * model_bytes)
-    # A quarter of this model (9 KiB) holds fewer activations than one stage (3 x 64 x 32 floats).
+    # An eighth of this model (5 KiB) holds fewer activations than one stage (3 x 64 x 32 floats).
     sized = lowbit.quantize(model, GPTQ, calibration=data, progress=False)
     roomy = lowbit.quantize(model, GPTQ, calibration=data, progress=False, cache_bytes=1 << 30)
     assert sum(s.spilled_bytes for s in sized.lowbit_calibration.stages) > 0
