@@ -198,7 +198,7 @@ class LayerResult:
 
 # Data-free layers quantize at most this many weights at a time when every row has its own
 # parameters: the temporaries of one 32000 x 768 head in one go were 3.6x its float size.
-RTN_CHUNK_ELEMENTS = 1 << 22
+RTN_CHUNK_ELEMENTS = 1 << 20
 
 
 def quantize_rtn(layer: LayerPlan, steps: tuple[str, ...], apply: bool = False) -> LayerResult:

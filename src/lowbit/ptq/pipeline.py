@@ -270,6 +270,7 @@ class _Pipeline:
         notes = Notes()
         layers = self._plan(self.recipe, notes)  # every refusal happens here, before any forward pass
         probe = probe_model(self.model, layers, self.batches[0], self.recipe.sequential_targets)
+        trim_heap()  # the probe's logits (batch x tokens x vocabulary) must not stay in RSS
         edge_notes: list[str] = []
         recipe = edge_recipe(self.recipe, layers, probe, edge_notes)
         if recipe is not self.recipe:
