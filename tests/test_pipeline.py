@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -195,3 +197,147 @@ def test_each_stage_reports_time_and_peak_memory():
         assert stage.seconds > 0 and stage.peak_memory_bytes > 0
     assert result.stages[0].stats_bytes > 0
     assert "blocks.0" in result.summary()
+
+
+def test_default_budget_is_sized_from_the_model_and_spills_with_the_same_result(monkeypatch):
+    from lowbit.ptq import pipeline
+
+    torch.manual_seed(0)
+    model, data = Stack(n=3), batches()
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    monkeypatch.setattr(pipeline, "MIN_CACHE_BYTES", 0)
+    assert pipeline.default_cache_bytes(model) == int(pipeline.CACHE_MODEL_SHARE * model_bytes)
+    # An eighth of this model (5 KiB) holds fewer activations than one stage (3 x 64 x 32 floats).
+    sized = lowbit.quantize(model, GPTQ, calibration=data, progress=False)
+    roomy = lowbit.quantize(model, GPTQ, calibration=data, progress=False, cache_bytes=1 << 30)
+    assert sum(s.spilled_bytes for s in sized.lowbit_calibration.stages) > 0
+    assert sum(s.spilled_bytes for s in roomy.lowbit_calibration.stages) == 0
+    for key, value in roomy.state_dict().items():
+        assert torch.equal(value, sized.state_dict()[key]), key
+
+
+HEAD_INT8 = Recipe(weight=GPTQ.weight, embeddings_and_head="int8")
+
+
+def test_release_weights_frees_each_stage_after_its_last_run():
+    torch.manual_seed(0)
+    model, data = Stack(n=3), batches()
+    kept = calibrate_weights(copy.deepcopy(model), HEAD_INT8, data, progress=False)
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert kept.stages and all(m.weight.stride() != (0, 0) for m in linears)
+    seen: list[list[int]] = []  # per stage: how many block weights were still float when it started
+
+    def count(_m, _a):
+        seen.append([int(b.a.weight.stride() != (0, 0)) for b in model.blocks])
+
+    for block in model.blocks:
+        block.register_forward_pre_hook(count)
+    result = calibrate_weights(model, HEAD_INT8, data, progress=False, release_weights=True)
+    assert all(m.weight.stride() == (0, 0) for m in linears)  # the head (int8) too: nothing runs it
+    assert all(m.weight.shape == (m.out_features, m.in_features) for m in linears)
+    # Block 0 is still float on its own runs, gone by the time block 1 runs, and so on.
+    firsts = [s for s in seen if s[0] == 0]
+    assert seen[0] == [1, 1, 1] and firsts and firsts[0][1] == 1
+    assert sorted(result.weights) == sorted(kept.weights)
+    for name, qw in kept.weights.items():
+        assert torch.equal(qw.dequantize(), result.weights[name].dequantize()), name
+
+
+def test_quantize_inplace_releases_and_matches_the_copy():
+    torch.manual_seed(0)
+    model, data = Stack(n=3), batches()
+    copied = lowbit.quantize(model, HEAD_INT8, calibration=data, progress=False)
+    assert all(m.weight.stride() != (0, 0) for m in model.modules() if isinstance(m, nn.Linear))
+    inplace = lowbit.quantize(model, HEAD_INT8, calibration=data, progress=False, inplace=True)
+    assert inplace is model
+    for key, value in copied.state_dict().items():
+        assert torch.equal(value, inplace.state_dict()[key]), key
+    x = batches(1, seed=1)[0]
+    assert torch.equal(copied(x), inplace(x))
+
+
+def test_a_calibrated_head_keeps_the_float_weights_for_its_pass():
+    torch.manual_seed(0)
+    model, data = Stack(n=2), batches()
+    result = calibrate_weights(model, GPTQ, data, progress=False, release_weights=True)
+    assert result.stages[-1].name == "(after the last stage)"
+    assert all(m.weight.stride() != (0, 0) for m in model.modules() if isinstance(m, nn.Linear))
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        WeightSpec(format="int8", granularity="channel", algorithm="rtn"),
+        WeightSpec(format="uint4", granularity="group:8", symmetric=False, algorithm="mse"),
+        WeightSpec(format="nf4", granularity="group:16", algorithm="rtn"),
+    ],
+)
+def test_large_data_free_weights_quantize_in_row_chunks_with_the_same_bytes(monkeypatch, spec):
+    from lowbit.ptq import modifiers
+    from lowbit.ptq.plan import plan_model
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(50, 32), nn.Linear(32, 48))
+    recipe = Recipe(weight=spec, modules=("linear", "embedding"))
+    whole = copy.deepcopy(model)
+    layers = plan_model(whole, recipe).layers
+    plain = {layer.name: modifiers.quantize_rtn(layer, spec.steps) for layer in layers}
+    monkeypatch.setattr(modifiers, "RTN_CHUNK_ELEMENTS", 7 * 32)  # 7 rows at a time: a ragged last chunk
+    for layer in plan_model(model, recipe).layers:
+        result = modifiers.quantize_rtn(layer, spec.steps, apply=True)
+        expected = plain[layer.name]
+        assert not result.effective
+        a, b = result.weights["weight"], expected.weights["weight"]
+        assert a.state_dict().keys() == b.state_dict().keys()
+        for key, value in b.state_dict().items():
+            assert torch.equal(a.state_dict()[key], value), (layer.name, key)
+        (m, value), = expected.effective
+        assert torch.equal(layer.module.weight.detach().reshape(value.shape), value), layer.name
+
+
+@pytest.mark.parametrize("hessian, moments", [(True, False), (False, True), (True, True)])
+def test_input_stats_find_nan_inf_from_column_sums(hessian, moments):
+    from lowbit.ptq.stats import InputStats
+
+    good = torch.randn(16, 4)
+    st = InputStats(4, hessian, "layer demo", moments=moments)
+    st.update(good)
+    assert (st.xtx is not None) == hessian and (st.abs_sum is not None) == moments
+    for bad_value in (float("nan"), float("inf"), -float("inf")):
+        bad = good.clone()
+        bad[3, 2] = bad_value
+        with pytest.raises(ValueError, match="layer demo received NaN or Inf"):
+            st.update(bad)
+    assert st.count == 16  # nothing of a refused batch was added
+    huge = good.clone()
+    huge[0, 0] = 1e30  # finite, but its square is not
+    if hessian:
+        with pytest.raises(ValueError, match="squares overflow"):
+            st.update(huge)
+    if not moments:
+        with pytest.raises(RuntimeError, match="moments were not collected"):
+            st.mean()
+
+
+def test_gptq_alone_collects_no_moments_bias_correction_does():
+    from lowbit.ptq.stats import InputStats
+
+    torch.manual_seed(0)
+    model, data = Stack(n=2), batches()
+    observed: list[InputStats] = []
+    original = InputStats.__init__
+
+    def spy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        observed.append(self)
+
+    InputStats.__init__ = spy
+    try:
+        calibrate_weights(copy.deepcopy(model), GPTQ, data, progress=False)
+        alone, observed[:] = list(observed), []
+        corrected = Recipe(weight=GPTQ.weight, bias_correction=True)
+        calibrate_weights(copy.deepcopy(model), corrected, data, progress=False)
+    finally:
+        InputStats.__init__ = original
+    assert alone and all(s.abs_sum is None and s.xtx is not None for s in alone)
+    assert observed and all(s.abs_sum is not None and s.xtx is not None for s in observed)

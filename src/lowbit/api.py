@@ -48,7 +48,10 @@ def quantize(
     it. Data-aware algorithms run in the sequential calibration pipeline
     (``lowbit.ptq.pipeline``; ``cache_bytes`` caps the activations it keeps in memory), whose
     per-stage report is ``result.lowbit_calibration``. The float model is left untouched unless
-    ``inplace=True``. Returns the quantized model.
+    ``inplace=True``; the untouched model costs a deep copy (a second float model in memory), so
+    pass ``inplace=True`` when the float model is not needed afterwards (data-aware recipes then
+    free each layer's float weight as soon as its stage is done, so ``model`` holds no float
+    weights afterwards). Returns the quantized model.
 
     With calibration data (and not ``inplace``), every quantized layer and the model's output are
     then compared with the float model on the first batches (``lowbit.ptq.fidelity``): the result
@@ -78,7 +81,15 @@ def quantize(
     work, extra, result = model, {}, None
     if steps or edges:
         work = model if inplace else copy.deepcopy(model)
-        result = calibrate_weights(work, recipe, calibration, progress=progress, cache_bytes=cache_bytes)  # type: ignore[arg-type]
+        # ``work`` is swapped for the quantized layers below: its float weights can go stage by stage.
+        result = calibrate_weights(
+            work,
+            recipe,
+            calibration,  # type: ignore[arg-type]
+            progress=progress,
+            cache_bytes=cache_bytes,
+            release_weights=True,
+        )
         recipe = result.recipe
         extra = {"weights": result.weights, "input_smooth": result.input_smooth}
         if progress:

@@ -158,12 +158,18 @@ def inverse_hessian_cholesky(hessian: torch.Tensor, percdamp: float = 0.01) -> t
     n = h.shape[0]
     mean_diag = float(torch.diagonal(h).mean()) if n else 1.0
     damp = percdamp * mean_diag
-    eye = torch.eye(n, dtype=h.dtype, device=h.device)
     for attempt in range(DAMP_RETRIES + 1):
-        lower, info = torch.linalg.cholesky_ex(h + damp * eye)
+        # Damping on the diagonal of a copy (no identity matrix), and each factor dropped once the
+        # next exists: a 2048-input Hessian's float64 matrices are 32 MiB each.
+        damped = h.clone()
+        damped.diagonal().add_(damp)
+        lower, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if int(info) == 0:
             inverse = torch.cholesky_inverse(lower)
+            del lower
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
             if int(info) == 0:
                 return upper.float()
         damp = max(damp, 1e-8 * max(mean_diag, 1e-12)) * 10

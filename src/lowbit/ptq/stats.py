@@ -20,6 +20,7 @@ used, because the allocator hands a freed block to the next tensor of the same s
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -34,30 +35,54 @@ from lowbit.ptq.plan import LayerPlan
 class InputStats:
     """Streaming statistics of the rows ``[n, cols]`` that multiply one weight matrix."""
 
-    def __init__(self, cols: int, hessian: bool, where: str, device: torch.device | None = None) -> None:
+    def __init__(
+        self,
+        cols: int,
+        hessian: bool,
+        where: str,
+        device: torch.device | None = None,
+        moments: bool = True,
+    ) -> None:
         self.cols, self.where = cols, where
         self.xtx = torch.zeros(cols, cols, dtype=torch.float64, device=device) if hessian else None
-        self.abs_sum = torch.zeros(cols, dtype=torch.float64, device=device)
-        self.sum = torch.zeros(cols, dtype=torch.float64, device=device)
-        self.abs_max = torch.zeros(cols, dtype=torch.float32, device=device)
+        # Per-column moments: AWQ, SmoothQuant and bias correction read them, GPTQ alone does not
+        # (at 2048 inputs they cost as much time as X^T X itself).
+        self.abs_sum = torch.zeros(cols, dtype=torch.float64, device=device) if moments else None
+        self.sum = torch.zeros(cols, dtype=torch.float64, device=device) if moments else None
+        self.abs_max = torch.zeros(cols, dtype=torch.float32, device=device) if moments else None
         self.count = 0
 
     def update(self, rows: torch.Tensor) -> None:
         """Add rows ``[n, cols]``; NaN or Inf is an error naming the layer."""
         rows = rows.detach().reshape(-1, self.cols).float()
+        # NaN / Inf in a column reaches that column's sum of squares (X^T X's diagonal) and its
+        # sum of |x|, so checking those (cols values) replaces a pass over every row.
+        product = rows.T @ rows if self.xtx is not None else None
+        abs_sum = rows.abs().sum(0, dtype=torch.float64) if self.abs_sum is not None else None
+        probe = product.diagonal() if product is not None else abs_sum
+        if probe is None or not bool(torch.isfinite(probe).all()):
+            self._not_finite(rows)
+        if product is not None:
+            # One float32 product per batch (its reduction order does not depend on threads),
+            # summed over batches in float64 (add_ promotes without a float64 copy).
+            self.xtx.add_(product)  # type: ignore[union-attr]
+        if abs_sum is not None:
+            self.abs_sum.add_(abs_sum)  # type: ignore[union-attr]
+            self.sum.add_(rows.sum(0, dtype=torch.float64))  # type: ignore[union-attr]
+            self.abs_max = torch.maximum(self.abs_max, rows.abs().amax(0))  # type: ignore[arg-type]
+        self.count += rows.shape[0]
+
+    def _not_finite(self, rows: torch.Tensor) -> None:
         if not bool(torch.isfinite(rows).all()):
             raise ValueError(
                 f"{self.where} received NaN or Inf inputs on the calibration data; the float model "
                 "already overflows there: check the model and the calibration batches"
             )
-        if self.xtx is not None:
-            # One float32 product per batch (its reduction order does not depend on threads),
-            # summed over batches in float64.
-            self.xtx += (rows.T @ rows).double()
-        self.abs_sum += rows.abs().sum(0, dtype=torch.float64)
-        self.sum += rows.sum(0, dtype=torch.float64)
-        self.abs_max = torch.maximum(self.abs_max, rows.abs().amax(0))
-        self.count += rows.shape[0]
+        if self.xtx is not None or self.abs_sum is not None:
+            raise ValueError(
+                f"{self.where} received inputs up to |x| = {float(rows.abs().max()):.3g}, whose "
+                "squares overflow float32 statistics: check the model and the calibration batches"
+            )
 
     def gram(self) -> torch.Tensor:
         """``X^T X / n`` (float64); GPTQ's Hessian is twice this."""
@@ -65,16 +90,21 @@ class InputStats:
             raise RuntimeError(f"{self.where}: X^T X was not collected")
         return self.xtx / max(self.count, 1)
 
+    def _moment(self, total: torch.Tensor | None) -> torch.Tensor:
+        if total is None:
+            raise RuntimeError(f"{self.where}: per-column moments were not collected")
+        return (total / max(self.count, 1)).float()
+
     def mean(self) -> torch.Tensor:
-        return (self.sum / max(self.count, 1)).float()
+        return self._moment(self.sum)
 
     def abs_mean(self) -> torch.Tensor:
-        return (self.abs_sum / max(self.count, 1)).float()
+        return self._moment(self.abs_sum)
 
     @property
     def nbytes(self) -> int:
-        tensors = [self.abs_sum, self.sum, self.abs_max] + ([self.xtx] if self.xtx is not None else [])
-        return sum(t.numel() * t.element_size() for t in tensors)
+        tensors = [self.abs_sum, self.sum, self.abs_max, self.xtx]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 @dataclass
@@ -106,9 +136,13 @@ class StageObserver:
         self._leader: dict[str, bool] = {}
         self._seen: list[tuple[torch.Tensor, Group]] = []  # this call's inputs: identity, not address
         self.calls = 0
+        self.seconds = 0.0  # spent accumulating statistics (the rest of a pass is the stage itself)
 
     def _needs_hessian(self, layer: LayerPlan) -> bool:
         return any(step in ("gptq", "awq") for step in self.sequences[layer.name])
+
+    def _needs_moments(self, layer: LayerPlan) -> bool:
+        return any(step in ("awq", "smoothquant", "bias_correction") for step in self.sequences[layer.name])
 
     def _hook(self, layer: LayerPlan, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         x = args[0] if args else next(iter(kwargs.values()), None)
@@ -140,13 +174,16 @@ class StageObserver:
             )
         if layer.kind == "linear" and isinstance(x, torch.Tensor):
             self._seen.append((x, known))
+        started = time.perf_counter()
         for source, rows in input_rows(layer, args, kwargs).items():
             stats = known.stats.get(source)
             if stats is None:
                 where = f"layer {layer.name}" + (f" ({source})" if source != "x" else "")
-                stats = InputStats(rows.shape[-1], self._needs_hessian(layer), where, rows.device)
+                hessian, moments = self._needs_hessian(layer), self._needs_moments(layer)
+                stats = InputStats(rows.shape[-1], hessian, where, rows.device, moments)
                 known.stats[source] = stats
             stats.update(rows)
+        self.seconds += time.perf_counter() - started
 
     def end_call(self) -> None:
         """Forget this call's input objects (the next call's tensors are new ones)."""
