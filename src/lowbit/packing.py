@@ -28,7 +28,15 @@ def packed_nbytes(numel: int, bits: int) -> int:
 
 
 def to_unsigned(codes: torch.Tensor, qmin: int) -> torch.Tensor:
-    """Shift signed codes (``qmin..qmax``) to ``0..qmax-qmin`` for packing, as uint8."""
+    """Shift signed codes (``qmin..qmax``) to ``0..qmax-qmin`` for packing, as uint8.
+
+    >>> to_unsigned(torch.tensor([-128, -1, 0, 127], dtype=torch.int8), -128).tolist()
+    [0, 127, 128, 255]
+    """
+    if codes.dtype in (torch.int8, torch.uint8):
+        # One-byte codes: the same bytes read as uint8, shifted with uint8 wrap-around, are exact
+        # (no int16 copies: a 32000 x 768 embedding table is 25 MB per copy).
+        return codes.contiguous().view(torch.uint8) + ((-qmin) % 256)
     return (codes.to(torch.int16) - qmin).to(torch.uint8)
 
 
