@@ -312,11 +312,6 @@ def _gptq(
     return c_codes, qp, info
 
 
-def _deq(result: tuple[torch.Tensor, QParams, dict[str, float]], spec: WeightSpec | None) -> torch.Tensor:
-    assert spec is not None
-    return dequantize(result[0], formats.get(spec.format), result[1])
-
-
 def apply_group(group: Group, recipe: Recipe, judge: ModuleJudge | None = None) -> dict[str, LayerResult]:
     """Run the group's sequence on every matrix of its layers, from the group's statistics.
 
@@ -380,36 +375,6 @@ def apply_group(group: Group, recipe: Recipe, judge: ModuleJudge | None = None) 
             for e in items:
                 e.w = e.w * s
 
-    done: dict[int, tuple[torch.Tensor, QParams, dict[str, float]]] = {}
-    if quantizer == "gptq" and scalers == ["awq"]:
-        # AWQ then GPTQ: GPTQ already compensates much of what AWQ's scales protect, and on some
-        # layers the scaled problem comes out worse. Both results are judged by the same measure
-        # (the layer's output error on the calibration inputs, X^T X of the unscaled input), per
-        # group of layers sharing the scales, and the better one is kept.
-        for source, c in list(divisor.items()):
-            items, stats = by_source[source], group.stats[source]
-            hessian = (2.0 * _scaled_gram(stats, None)).float()
-            scaled_h = (2.0 * _scaled_gram(stats, c)).float()
-            scaled = [_gptq(e.w, scaled_h, e.layer.weight, recipe) for e in items]
-            plain = [_gptq(e.original, hessian, e.layer.weight, recipe) for e in items]
-            cs = c.to(items[0].w.device)
-            err_scaled = sum(
-                reconstruction_error(e.original, _deq(r, e.layer.weight) / cs, hessian)
-                for e, r in zip(items, scaled, strict=True)
-            )
-            err_plain = sum(
-                reconstruction_error(e.original, _deq(r, e.layer.weight), hessian)
-                for e, r in zip(items, plain, strict=True)
-            )
-            keep = scaled if err_scaled <= err_plain else plain
-            if keep is plain:
-                divisor.pop(source)
-                for e in items:
-                    e.w = e.original.clone()
-            for e, r in zip(items, keep, strict=True):
-                r[2]["awq_kept"] = float(keep is scaled)
-                done[id(e)] = r
-
     codes: dict[tuple[str, str], list[tuple[_Entry, torch.Tensor, QParams, dict[str, float]]]] = {}
     for e in entries:
         spec = e.layer.weight
@@ -419,9 +384,7 @@ def apply_group(group: Group, recipe: Recipe, judge: ModuleJudge | None = None) 
         stats = group.stats.get(source)
         c = divisor.get(source)
         info: dict[str, float] = {}
-        if id(e) in done:
-            c_codes, qp, info = done[id(e)]
-        elif quantizer == "gptq":
+        if quantizer == "gptq":
             assert stats is not None
             hessian = _scaled_gram(stats, c).mul_(2.0).float()  # in place: one float64 copy less
             c_codes, qp, info = _gptq(e.w, hessian, spec, recipe)
