@@ -364,3 +364,39 @@ def test_storage_only_weights_keep_their_size_in_onnx(tmp_path, recipe):
         assert layer.storage_only and "codes" in layer.note
     out = load(tmp_path / "q.onnx")(x)
     assert (out - q(x)).abs().max() < 1e-3 * max(1.0, float(q(x).abs().max()))
+
+
+def _vision(arch: str) -> nn.Module:
+    from transformers import (
+        MobileNetV2Config,
+        MobileNetV2ForImageClassification,
+        ViTConfig,
+        ViTForImageClassification,
+    )
+
+    torch.manual_seed(0)
+    if arch == "vit":  # reads projection.weight.dtype in its forward
+        cfg = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                        image_size=32, patch_size=8, num_labels=5)  # fmt: skip
+        return ViTForImageClassification(cfg).eval()
+    # Reads conv.stride. At the default init (0.02) its logits are ~1e-25 and ORT flushes the
+    # denormal intermediates to zero: a wider init gives activations a trained model would have.
+    cfg = MobileNetV2Config(image_size=32, depth_multiplier=0.35, num_labels=5, initializer_range=0.2)
+    return MobileNetV2ForImageClassification(cfg).eval()
+
+
+@pytest.mark.parametrize("arch", ["vit", "mobilenetv2"])
+@pytest.mark.parametrize("preset", ["int8-static", "int4-weight-only"])
+def test_vision_models_that_read_their_layers_export(tmp_path, arch, preset):
+    pytest.importorskip("transformers")
+    model = _vision(arch)
+    calibration = [{"pixel_values": torch.randn(4, 3, 32, 32)} for _ in range(2)]
+    q = lowbit.quantize(model, preset, calibration=calibration, progress=False)
+    export_onnx(q, tmp_path / "m.onnx", calibration[0])
+    x = torch.randn(3, 3, 32, 32)
+    out = load(tmp_path / "m.onnx")(pixel_values=x)
+    with torch.no_grad():
+        ref = q(pixel_values=x).logits
+    assert out.shape == ref.shape == (3, 5)
+    cos = nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0)
+    assert cos > 0.999

@@ -154,6 +154,14 @@ class _Marker(nn.Module):
         self.out_shape: tuple[int, ...] = ()
         self.static = False
 
+    def __getattr__(self, name: str) -> Any:
+        # Model code reads the layer it calls (ViT: projection.weight.dtype; MobileNet: conv.stride):
+        # answer for the quantized layer this marker stands in for.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["layer"][0], name)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _LayerOp.apply(x, self.index, self)
 
