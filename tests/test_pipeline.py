@@ -341,3 +341,20 @@ def test_gptq_alone_collects_no_moments_bias_correction_does():
         InputStats.__init__ = original
     assert alone and all(s.abs_sum is None and s.xtx is not None for s in alone)
     assert observed and all(s.abs_sum is not None and s.xtx is not None for s in observed)
+
+
+def test_mlp_output_projections_are_found_from_structure_not_names():
+    from lowbit.ptq.roles import mlp_output_projections
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.widen, self.squash = nn.Linear(8, 32), nn.Linear(32, 8)  # names say nothing
+            self.fn, self.drop = nn.SiLU(), nn.Dropout(0.1)
+            self.side = nn.Linear(8, 8)  # reads the block input, not the activation
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.squash(self.drop(self.fn(self.widen(x)))) + self.side(x)
+
+    model = nn.Sequential(Block(), Block()).eval()
+    assert mlp_output_projections(model, torch.randn(3, 8)) == ["0.squash", "1.squash"]
