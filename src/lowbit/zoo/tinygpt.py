@@ -25,8 +25,10 @@ import math
 import sys
 import sysconfig
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -211,6 +213,48 @@ def _batches(rows: torch.Tensor, size: int) -> list[dict[str, torch.Tensor]]:
 # --- training -----------------------------------------------------------------------------------
 
 
+def train_next_byte(
+    model: nn.Module,
+    train_data: torch.Tensor,
+    cfg: Any,
+    decays: Callable[[str, nn.Parameter], bool],
+    logits_of: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+) -> None:
+    """Next-byte training on random windows of ``train_data`` (AdamW, warmup + cosine, clipped
+    gradients), shared by the zoo's byte-level LMs. ``cfg`` gives ``lr``, ``warmup``, ``steps``,
+    ``context`` and ``batch_size``; ``decays(name, param)`` picks the weight-decayed parameters;
+    ``logits_of(model, ids)`` runs the model. Draws from the global RNG: seed it first."""
+    # No weight decay on norms, biases and embeddings (nanoGPT's split): decaying them only hurts.
+    decay = [p for n, p in model.named_parameters() if decays(n, p)]
+    rest = [p for n, p in model.named_parameters() if not decays(n, p)]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.99),
+    )
+
+    def lr_at(step: int) -> float:
+        # Linear warmup then cosine decay to 10%: a short run must settle, not stop mid-stride.
+        if step < cfg.warmup:
+            return (step + 1) / cfg.warmup
+        progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+        return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+    offsets = torch.arange(cfg.context + 1)
+    model.train()
+    for _step in range(cfg.steps):
+        starts = torch.randint(0, len(train_data) - cfg.context - 1, (cfg.batch_size, 1))
+        window = train_data[starts + offsets]
+        logits = logits_of(model, window[:, :-1])
+        loss = F.cross_entropy(logits.reshape(-1, VOCAB), window[:, 1:].reshape(-1))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+
+
 def train_tiny_gpt(train_data: torch.Tensor, cfg: TinyGPTConfig) -> TinyGPT:
     """Train from scratch on random windows of ``train_data``; seeded, leaves the global RNG alone.
 
@@ -224,35 +268,9 @@ def train_tiny_gpt(train_data: torch.Tensor, cfg: TinyGPTConfig) -> TinyGPT:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = TinyGPT(cfg)
-        # No weight decay on norms, biases and embeddings (nanoGPT's split): decaying them only hurts.
-        decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "emb" not in n]
-        rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "emb" not in n)]
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
-            lr=cfg.lr,
-            betas=(0.9, 0.99),
+        train_next_byte(
+            model, train_data, cfg, lambda n, p: p.dim() >= 2 and "emb" not in n, lambda m, ids: m(ids)
         )
-
-        def lr_at(step: int) -> float:
-            # Linear warmup then cosine decay to 10%: a short run must settle, not stop mid-stride.
-            if step < cfg.warmup:
-                return (step + 1) / cfg.warmup
-            progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-            return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
-
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
-        offsets = torch.arange(cfg.context + 1)
-        model.train()
-        for _step in range(cfg.steps):
-            starts = torch.randint(0, len(train_data) - cfg.context - 1, (cfg.batch_size, 1))
-            window = train_data[starts + offsets]
-            logits = model(window[:, :-1])
-            loss = F.cross_entropy(logits.reshape(-1, VOCAB), window[:, 1:].reshape(-1))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
     return model.eval()
 
 

@@ -24,20 +24,18 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lowbit.eval.metrics import output_tensor
 from lowbit.zoo.base import ZooModel
 from lowbit.zoo.cache import load_weights, save_weights
-from lowbit.zoo.tinygpt import MIN_TEXT_BYTES, VOCAB, _batches, _windows, split_text
+from lowbit.zoo.tinygpt import MIN_TEXT_BYTES, VOCAB, _batches, _windows, split_text, train_next_byte
 
 ARCHS = ("gpt2", "llama", "lstm")
 
@@ -166,35 +164,13 @@ def train_tiny_lm(train_data: torch.Tensor, cfg: TinyLMConfig) -> nn.Module:
         torch.manual_seed(cfg.seed)
         model = build_tiny_lm(cfg)
         embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-        # No weight decay on norms, biases and embeddings (nanoGPT's split): decaying them only hurts.
-        decay = [p for p in model.parameters() if p.dim() >= 2 and id(p) not in embeddings]
-        rest = [p for p in model.parameters() if not (p.dim() >= 2 and id(p) not in embeddings)]
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
-            lr=cfg.lr,
-            betas=(0.9, 0.99),
+        train_next_byte(
+            model,
+            train_data,
+            cfg,
+            lambda _n, p: p.dim() >= 2 and id(p) not in embeddings,
+            lambda m, ids: output_tensor(m(input_ids=ids)),
         )
-
-        def lr_at(step: int) -> float:
-            # Linear warmup then cosine decay to 10%: a short run must settle, not stop mid-stride.
-            if step < cfg.warmup:
-                return (step + 1) / cfg.warmup
-            progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-            return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
-
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
-        offsets = torch.arange(cfg.context + 1)
-        model.train()
-        for _step in range(cfg.steps):
-            starts = torch.randint(0, len(train_data) - cfg.context - 1, (cfg.batch_size, 1))
-            window = train_data[starts + offsets]
-            logits = output_tensor(model(input_ids=window[:, :-1]))
-            loss = F.cross_entropy(logits.reshape(-1, VOCAB), window[:, 1:].reshape(-1))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
     return model.eval()
 
 
