@@ -22,7 +22,7 @@ from torch import nn
 
 from lowbit.errors import ModelError
 
-_EAGER = "lowbit needs an eager torch.nn.Module (the Python model class with its weights)"
+EAGER = "lowbit needs an eager torch.nn.Module (the Python model class with its weights)"
 
 
 def _is_sklearn(model: Any) -> bool:
@@ -35,10 +35,9 @@ def require_module(model: Any, verb: str) -> nn.Module:
     >>> require_module(torch.nn.Linear(2, 2), "quantize")
     Linear(in_features=2, out_features=2, bias=True)
     """
-    eager = _EAGER
     if isinstance(model, torch.jit.ScriptModule):
         raise ModelError(
-            f"{verb}: got a TorchScript module ({type(model).__name__}); {eager}: build the model from "
+            f"{verb}: got a TorchScript module ({type(model).__name__}); {EAGER}: build the model from "
             "its code and load its state_dict (TorchScript has lost the Python modules lowbit swaps)"
         )
     if isinstance(model, nn.Module):
@@ -51,10 +50,10 @@ def require_module(model: Any, verb: str) -> nn.Module:
             ".pt": state,
             ".pth": state,
         }.get(suffix, "load the model first (for a Hugging Face directory: AutoModel.from_pretrained(path))")
-        raise ModelError(f"{verb}: got the path {str(model)!r}; {eager}: {hint}")
+        raise ModelError(f"{verb}: got the path {str(model)!r}; {EAGER}: {hint}")
     if _is_sklearn(model):
         raise ModelError(
-            f"{verb}: got a scikit-learn {type(model).__name__}; {eager}: convert it first with "
+            f"{verb}: got a scikit-learn {type(model).__name__}; {EAGER}: convert it first with "
             "lowbit.from_sklearn(estimator)"
         )
-    raise ModelError(f"{verb}: got {type(model).__name__}, not a torch.nn.Module; {eager}")
+    raise ModelError(f"{verb}: got {type(model).__name__}, not a torch.nn.Module; {EAGER}")

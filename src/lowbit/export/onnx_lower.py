@@ -318,7 +318,7 @@ def _codes_in_graph(b: Builder, qw: QuantizedWeight, prefix: str) -> str | None:
             stacklevel=3,
         )
         return None
-    return built[0]
+    return built
 
 
 def _qdq_input(b: Builder, layer: QuantizedModule, x: str, prefix: str) -> str:

@@ -66,8 +66,8 @@ def _params(qw: QuantizedWeight) -> tuple[tuple[int, int], np.ndarray, np.ndarra
     bo, bi = (int(v) for v in qp.block)
     rows, cols = qw.shape
     nbo, nbi = math.ceil(rows / bo), math.ceil(cols / bi)
-    scale = qp.scale.detach().float().cpu().numpy().reshape(-1)
-    scale = np.broadcast_to(scale.reshape(-1) if scale.size > 1 else scale, (nbo * nbi,)).reshape(nbo, nbi)
+    scale = qp.scale.detach().float().cpu().numpy().reshape(-1)  # one value, or one per block
+    scale = np.broadcast_to(scale, (nbo * nbi,)).reshape(nbo, nbi)
     zp = None
     if qp.zero_point is not None:
         zp = qp.zero_point.detach().cpu().numpy().astype(np.float32).reshape(nbo, nbi)
@@ -93,9 +93,9 @@ def _replay(u: np.ndarray, qw: QuantizedWeight) -> np.ndarray:
     return blocks.reshape(nbo * bo, nbi * bi)[:rows, :cols]
 
 
-def unpacked_weight(b: Any, qw: QuantizedWeight, prefix: str) -> tuple[str, str] | None:
-    """Nodes rebuilding the float ``[out, in]`` matrix of ``qw`` from packed codes, and a note;
-    ``None`` when the format or its parameters cannot be rebuilt exactly this way."""
+def unpacked_weight(b: Any, qw: QuantizedWeight, prefix: str) -> str | None:
+    """Nodes rebuilding the float ``[out, in]`` matrix of ``qw`` from packed codes (their output's
+    name); ``None`` when the format or its parameters cannot be rebuilt exactly this way."""
     if not supported(qw):
         return None
     codes = qw.codes().detach().cpu().to(torch.int64).numpy()
@@ -126,10 +126,8 @@ def unpacked_weight(b: Any, qw: QuantizedWeight, prefix: str) -> tuple[str, str]
              b.const(prefix, "ax", np.array([1]))],
             prefix,
         )  # fmt: skip
-        stored = f"{bits}-bit codes, {per} per byte"
     else:
         u_name = b.const(prefix, "codes_u8", u)
-        stored = f"{bits}-bit codes, one byte each"
     table = _table(qw)
     if table is not None:
         idx = b.node("Cast", [u_name], prefix, to=TensorProto.INT64)
@@ -154,4 +152,4 @@ def unpacked_weight(b: Any, qw: QuantizedWeight, prefix: str) -> tuple[str, str]
              b.const(prefix, "max", np.array([0, 1]))],
             prefix,
         )  # fmt: skip
-    return out, f"{qw.fmt.name} weights stored as {stored}, unpacked when ONNX Runtime loads the model"
+    return out

@@ -29,6 +29,7 @@ from torch import nn
 
 from lowbit.batches import call_model
 from lowbit.nn.base import QuantizedModule
+from lowbit.ptq.convert import model_device, to_device
 
 LAYER_COSINE = 0.98  # below this a layer's own output error is worth a look
 OUTPUT_COSINE = 0.95  # below this the model's output has moved enough to change decisions
@@ -96,8 +97,6 @@ class Fidelity:
 
 def measure(float_model: nn.Module, qmodel: nn.Module, batches: Sequence[Any]) -> Fidelity:
     """Compare ``qmodel`` with ``float_model`` (same architecture) on ``batches`` (see the module doc)."""
-    from lowbit.ptq.convert import model_device, to_device
-
     result = Fidelity()
     layers = {n: m for n, m in qmodel.named_modules() if isinstance(m, QuantizedModule)}
     if not layers or not batches:
