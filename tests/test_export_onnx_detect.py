@@ -219,3 +219,28 @@ def test_convinteger_opt_in_runs_integer_convs_close_to_the_reference(tmp_path):
         ref = q(x)
     # Per-tensor activations in ORT vs lowbit's per-row reference: close, not equal.
     assert _cosine(load(tmp_path / "m.onnx")(x), ref) > 0.999
+
+
+@pytest.mark.parametrize("preset", ["int8-dynamic", "int8-static"])
+def test_yolos_detector_exports_and_matches_ort(tmp_path, preset):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.YolosConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=[64, 64],
+        patch_size=16, num_detection_tokens=5, num_labels=3,
+    )  # fmt: skip
+    model = transformers.YolosForObjectDetection(cfg).eval()
+    calibration = [{"pixel_values": torch.randn(4, 3, 64, 64)} for _ in range(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = lowbit.quantize(model, preset, calibration=calibration, progress=False)
+    report = export_onnx(q, tmp_path / "yolos.onnx", calibration[0])
+    assert not report.warnings
+    ort_model = load(tmp_path / "yolos.onnx")
+    x = torch.randn(3, 3, 64, 64)  # another batch size: the batch axis is free
+    logits, boxes = ort_model(pixel_values=x)[:2]
+    with torch.no_grad():
+        ref = q(pixel_values=x)
+    assert ort_model.output_names[:2] == ["logits", "pred_boxes"]
+    assert logits.shape == ref.logits.shape == (3, 5, 4) and boxes.shape == ref.pred_boxes.shape
+    assert _cosine(logits, ref.logits) > 0.999 and _cosine(boxes, ref.pred_boxes) > 0.999
