@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from lowbit.export.onnx_inputs import rebuild
+
 _NP_TYPES = {
     "tensor(float)": np.float32,
     "tensor(float16)": np.float16,
@@ -55,8 +57,10 @@ def _import_ort() -> Any:
 class OrtModel:
     """An ONNX Runtime session called like the PyTorch module it was exported from.
 
-    Inputs: tensors (positional, in the exported order), keyword tensors, or one dict batch.
-    Output: one tensor, or a tuple when the graph has several outputs. ``backend`` names what runs
+    Inputs: tensors (positional, in the exported order), a list of images for a model exported from
+    one (one graph input per element), keyword tensors, or one dict batch. Output: one tensor, a
+    tuple when the graph has several outputs, or the model's list of dicts when it returned one
+    (detectors); ``output_names`` are the flat graph outputs (``0.boxes``, ...). ``backend`` names what runs
     (``onnxruntime-cpu``); ``layers`` lists each quantized layer's kernel as export recorded it.
     """
 
@@ -89,12 +93,17 @@ class OrtModel:
         self._input_types = {i.name: _NP_TYPES.get(i.type, np.float32) for i in self.session.get_inputs()}
         meta = self.session.get_modelmeta().custom_metadata_map
         self.layers: list[dict[str, Any]] = json.loads(meta.get("lowbit.layers", "[]"))
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        # Set when the model returned a list (a detector's ``[{"boxes", "scores", ...}]``).
+        self._structure = json.loads(meta["lowbit.outputs"]) if "lowbit.outputs" in meta else None
         self.backend = "onnxruntime-cpu"
 
     def feeds(self, *args: Any, **kwargs: Any) -> dict[str, np.ndarray]:
         """The ORT input dict for a PyTorch-style call (what ``__call__`` passes to the session)."""
         if len(args) == 1 and isinstance(args[0], dict) and not kwargs:
             kwargs, args = dict(args[0]), ()
+        # A list of images (detectors) stands for one graph input per element.
+        args = tuple(a for arg in args for a in (arg if isinstance(arg, list | tuple) else (arg,)))
         if len(args) > len(self.input_names):
             raise ValueError(f"got {len(args)} inputs, the exported model takes {self.input_names}")
         named = dict(zip(self.input_names, args, strict=False))
@@ -113,8 +122,10 @@ class OrtModel:
         """Run on prepared feeds (no conversion: what benchmarks time)."""
         return self.session.run(None, feeds)
 
-    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
         outs = [torch.from_numpy(o) for o in self.run_feeds(self.feeds(*args, **kwargs))]
+        if self._structure is not None:
+            return rebuild(self._structure, outs)
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def __repr__(self) -> str:

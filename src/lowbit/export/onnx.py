@@ -33,7 +33,9 @@ import torch
 from onnx import helper
 from torch import nn
 
-from lowbit.export.onnx_inputs import CallAdapter, CallSpec, flat_outputs
+from lowbit.export import onnx_check
+from lowbit.export.onnx_check import trace_subnormals
+from lowbit.export.onnx_inputs import CallAdapter, CallSpec, flat_outputs, output_structure
 from lowbit.export.onnx_lower import (
     MS,
     Builder,
@@ -90,6 +92,8 @@ class ExportReport:
     u8u8: bool = False
     warnings: list[str] = field(default_factory=list)
     fusions: dict[str, int] = field(default_factory=dict)
+    # ORT vs PyTorch on the example and a perturbed copy (``lowbit.export.onnx_check``).
+    check: dict[str, Any] = field(default_factory=dict)
 
     @property
     def fallbacks(self) -> list[LayerExport]:
@@ -104,6 +108,7 @@ class ExportReport:
             "fusions": dict(self.fusions),
             "layers": [asdict(layer) for layer in self.layers],
             "warnings": list(self.warnings),
+            "check": dict(self.check),
         }
 
     def to_text(self) -> str:
@@ -130,6 +135,8 @@ class _LayerOp(torch.autograd.Function):
         finally:
             torch._C._set_tracing_state(state)
         marker.out_shape = tuple(out.shape)
+        # A layer called more than once (a detector's loop over images) has one shape per input.
+        marker.shapes[tuple(x.shape)] = tuple(out.shape)
         return out
 
     @staticmethod
@@ -141,7 +148,8 @@ class _LayerOp(torch.autograd.Function):
         if isinstance(marker.layer[0], QuantizedConv):
             sizes = [None, marker.out_shape[1]] + [None] * (len(marker.out_shape) - 2)
         if marker.static:  # a static export: every size is known (adaptive pooling needs them)
-            sizes = list(marker.out_shape)
+            known = x.type().sizes() if hasattr(x.type(), "sizes") else None
+            sizes = list(marker.shapes.get(tuple(known) if known else (), marker.out_shape))
         y.setType(x.type().with_dtype(torch.float32).with_sizes(sizes))
         return y
 
@@ -152,6 +160,7 @@ class _Marker(nn.Module):
         self.index = index
         self.layer = [layer]  # a list: not a submodule, so its buffers are not exported as inputs
         self.out_shape: tuple[int, ...] = ()
+        self.shapes: dict[tuple[int, ...], tuple[int, ...]] = {}
         self.static = False
 
     def __getattr__(self, name: str) -> Any:
@@ -198,7 +207,7 @@ def _output_axes(
     spec: CallSpec, outputs: list[tuple[str, torch.Tensor]], dynamic: Any
 ) -> dict[str, dict[int, str]]:
     """Batch (and, for token models, sequence) axes of the outputs that carry them."""
-    if dynamic not in ("auto", "batch"):
+    if dynamic not in ("auto", "batch") or spec.has_lists:  # a list's elements have no batch axis
         return {}
     seq = spec.sequence_length() if dynamic == "auto" else None
     batch = spec.tensors[0].shape[0] if spec.tensors and spec.tensors[0].dim() else None
@@ -222,18 +231,24 @@ def export_onnx(
     options: ExportOptions | None = None,
     opset: int = OPSET,
     dynamic: str | dict[str, dict[int, str]] = "auto",
+    check: bool = True,
 ) -> ExportReport:
     """Export ``qmodel`` (from ``lowbit.quantize``) to ``path`` for ONNX Runtime.
 
-    ``example_inputs``: a tensor, a tuple of positional tensors, or a dict / ``BatchEncoding`` of
+    ``example_inputs``: a tensor, a tuple of positional tensors, a dict / ``BatchEncoding`` of
     named inputs (a Hugging Face model: the graph takes exactly those inputs, by name; other
     arguments keep their defaults, so a causal LM gives logits for every position; the key / value
-    cache is off). Outputs are the model's tensors, flattened (``ModelOutput`` keys such as
-    ``logits`` name them). ``dynamic``: which input axes stay free: ``auto`` (batch, and the
-    sequence of token inputs), ``batch``, ``none``, or ``{input_name: {axis: label}}``; when the
-    model cannot be exported with free axes (``auto``), it is exported static and
-    ``report.warnings`` says so. Returns an :class:`ExportReport` listing each layer's kernel;
-    layers ORT computes in float are listed in ``report.fallbacks``.
+    cache is off), or a list of images for a model whose ``forward`` takes one (detectors: one
+    graph input per element, ``images_0``, ``images_1`` ..., shapes fixed to the example's).
+    Outputs are the model's tensors, flattened (``ModelOutput`` keys such as ``logits`` name
+    them; a detector's list of dicts gives ``0.boxes``, ``0.scores`` ...). ``dynamic``: which input
+    axes stay free: ``auto`` (batch, and the sequence of token inputs), ``batch``, ``none``, or
+    ``{input_name: {axis: label}}``; when the model cannot be exported with free axes (``auto``),
+    it is exported static and ``report.warnings`` says so. ``check``: run the file in ONNX Runtime
+    on the example and on a perturbed copy and warn where it does not follow PyTorch (traced
+    control flow, denormal activations, all-zero outputs; ``report.check`` has the figures).
+    Returns an :class:`ExportReport` listing each layer's kernel; layers ORT computes in float are
+    listed in ``report.fallbacks``.
 
     >>> import torch, lowbit, tempfile, os
     >>> q = lowbit.quantize(torch.nn.Sequential(torch.nn.Linear(64, 8)), "int4-weight-only",
@@ -263,7 +278,7 @@ def export_onnx(
                 note += "; its input is not quantized in ORT"
             report.layers.append(LayerExport(name, module.kind, module.config["mode"], "float", False, note))
             continue
-        kernel = choose_kernel(module)
+        kernel = choose_kernel(module, options.dynamic_conv)
         model = _set_module(model, name, _Marker(len(layers), module))
         layers.append((name, module, kernel))
         report.layers.append(
@@ -272,21 +287,30 @@ def export_onnx(
     spec = CallSpec.of(model, example_inputs)
     wrapped = CallAdapter(model, spec).eval()
     with torch.no_grad():
-        outputs = flat_outputs(spec.call(model, spec.tensors))
+        raw, subnormal = trace_subnormals(model, lambda: spec.call(model, spec.tensors))
+    outputs = flat_outputs(raw)
     axes = {**spec.dynamic_axes(dynamic), **_output_axes(spec, outputs, dynamic)}
+
+    tracer_reads: list[str] = []
 
     def trace(dynamic_axes: dict[str, dict[int, str]]) -> bytes:
         for m in model.modules():
             if isinstance(m, _Marker):
                 m.static = not dynamic_axes
         buffer = io.BytesIO()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tracer warnings about Python control flow are expected here
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")  # tracer warnings about Python control flow: kept for the check
             torch.onnx.export(
                 wrapped, spec.tensors, buffer, dynamo=False, opset_version=opset, input_names=spec.names,
                 output_names=[n for n, _ in outputs], dynamic_axes=dynamic_axes or None,
                 custom_opsets={"lowbit": 1} if layers else None,
             )  # fmt: skip
+        # Tensor values read as Python numbers / bools: the graph holds the example's path.
+        reads = "Converting a tensor to a Python"
+        tracer_reads.extend(
+            str(w.message).split(".")[0] for w in caught
+            if issubclass(w.category, torch.jit.TracerWarning) and reads in str(w.message)
+        )  # fmt: skip
         return buffer.getvalue()
 
     try:
@@ -306,13 +330,60 @@ def export_onnx(
     if options.transformer_fusions:
         graph_model = _transformer_fusions(graph_model, report)
     meta = {"lowbit.layers": json.dumps([asdict(x) for x in report.layers]), "lowbit.params": str(params)}
+    if isinstance(raw, list):  # a detector's list of dicts: the runtime gives the same structure back
+        meta["lowbit.outputs"] = json.dumps(output_structure(raw))
     for key, value in meta.items():
         graph_model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(graph_model, str(path))
     report.file_bytes = path.stat().st_size
     report.op_counts = dict(Counter(n.op_type for n in graph_model.graph.node))
+    if check:
+        _check(path, model, spec, outputs, subnormal, report, bool(tracer_reads))
     return report
+
+
+def _check(
+    path: Path,
+    model: nn.Module,
+    spec: CallSpec,
+    outputs: list[tuple[str, torch.Tensor]],
+    subnormal: list[str],
+    report: ExportReport,
+    values_read: bool,
+) -> None:
+    """Run the file in ORT on the example and a perturbed copy; warn where it does not follow PyTorch."""
+    from lowbit.runtime import OrtModel
+
+    names = [n for n, _ in outputs]
+    try:
+        session = OrtModel(path, threads=1)
+    except Exception as err:  # ORT's load errors have no common type; the file is written, say so
+        report.warnings.append(f"ONNX Runtime cannot load the file: {str(err).splitlines()[0][:300]}")
+        warnings.warn(f"lowbit: {path.name}: {report.warnings[-1]}", stacklevel=3)
+        return
+
+    def ort_run(tensors: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        feeds = session.feeds(**dict(zip(spec.names, tensors, strict=True)))
+        return [torch.from_numpy(o) for o in session.run_feeds(feeds)]
+
+    first = ort_run(spec.tensors)
+    example = onnx_check.compare(names, first, [t for _, t in outputs])
+    second = None
+    if not (example["shape_mismatch"] or example["all_zero_in_ort"]):
+        other = onnx_check.perturbed(spec.tensors)
+        with torch.no_grad():
+            ref = [t for _, t in flat_outputs(spec.call(model, other))]
+        if len(ref) == len(names):
+            again = ort_run(other)
+            second = onnx_check.compare(names, again, ref, before=first if values_read else None)
+        else:
+            second = {"shape_mismatch": names, "traced_shapes": names, "min_cosine": None}
+            second["worst_output"] = None
+    report.check = {"example": example, "second_input": second, "subnormal_layers": subnormal}
+    for message in onnx_check.messages(example, second, subnormal):
+        report.warnings.append(message)
+        warnings.warn(f"lowbit: {path.name}: {message}", stacklevel=3)
 
 
 def _lower_markers(
@@ -320,13 +391,17 @@ def _lower_markers(
 ) -> None:
     """Replace every ``lowbit::Layer`` node, in place, by the nodes of its kernel."""
     graph = model.graph
-    io_of = {
-        helper.get_attribute_value(n.attribute[0]): (n.input[0], n.output[0])
-        for n in graph.node
-        if n.domain == "lowbit"
-    }
+    calls: dict[int, list[tuple[str, str]]] = {}
+    for n in graph.node:
+        if n.domain == "lowbit":
+            calls.setdefault(helper.get_attribute_value(n.attribute[0]), []).append((n.input[0], n.output[0]))
+    # Layers called once may share one quantized input (q / k / v); a layer called at several places
+    # (a detector's loop over a list of images) is lowered at each, its constants stored once.
+    io_of = {index: sites[0] for index, sites in calls.items() if len(sites) == 1}
     groups = _fusable_groups(io_of, layers, u8u8) if opts.fuse_shared_inputs else {}
     done: set[int] = set()
+    seen_call: dict[int, int] = {}
+    shared = _SharedConstants()
     new_nodes = []
     for node in graph.node:
         if node.domain != "lowbit":
@@ -338,7 +413,10 @@ def _lower_markers(
         name, layer, kernel = layers[index]
         b = Builder()
         prefix = "/" + name.replace(".", "/")
-        x, y = io_of[index]
+        x, y = node.input[0], node.output[0]
+        call = seen_call[index] = seen_call.get(index, -1) + 1
+        if call:
+            prefix += f"/call{call}"
         if index in groups:
             members = groups[index]
             group = [layers[i][1] for i in members]
@@ -352,19 +430,48 @@ def _lower_markers(
             lower_embedding(b, layer, x, y, prefix, kernel)
         else:  # pragma: no cover - choose_kernel only marks the three kinds above
             raise ValueError(f"layer {name}: {type(layer).__name__} cannot be lowered to ONNX")
-        done.add(index)
-        new_nodes.extend(b.nodes)
-        graph.initializer.extend(b.initializers)
+        if len(calls[index]) == 1:
+            done.add(index)
+        new_nodes.extend(shared.add(b, graph))
     del graph.node[:]
     graph.node.extend(new_nodes)
     # The exporter guessed shapes for the marker outputs; drop them and let ORT infer the real ones.
-    marker_outputs = {y for _, y in io_of.values()}
+    marker_outputs = {y for sites in calls.values() for _, y in sites}
     kept = [v for v in graph.value_info if v.name not in marker_outputs]
     del graph.value_info[:]
     graph.value_info.extend(kept)
     opsets = [o for o in model.opset_import if o.domain not in ("lowbit", MS)]
     del model.opset_import[:]
     model.opset_import.extend(opsets + [helper.make_opsetid(MS, 1)])
+
+
+class _SharedConstants:
+    """Adds a builder's nodes and initializers to the graph, storing each repeated constant once (the
+    weights of a layer lowered at several call sites)."""
+
+    def __init__(self) -> None:
+        self.by_content: dict[tuple[int, tuple[int, ...], bytes], str] = {}
+
+    def add(self, b: Builder, graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+        renamed: dict[str, str] = {}
+        for init in b.initializers:
+            content = init.raw_data
+            if not content:  # values in typed fields: hash the tensor without its name
+                unnamed = onnx.TensorProto()
+                unnamed.CopyFrom(init)
+                unnamed.name = ""
+                content = unnamed.SerializeToString()
+            key = (init.data_type, tuple(init.dims), hashlib.sha1(content).digest())
+            if key in self.by_content:
+                renamed[init.name] = self.by_content[key]
+            else:
+                self.by_content[key] = init.name
+                graph.initializer.append(init)
+        for n in b.nodes:
+            for i, value in enumerate(n.input):
+                if value in renamed:
+                    n.input[i] = renamed[value]
+        return b.nodes
 
 
 def _fusable_groups(

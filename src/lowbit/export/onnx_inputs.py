@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowbit.batches import call_args
+
 # Flags set for export when ``forward`` has them and the example does not: no cache in or out.
 EXPORT_FLAGS = {"use_cache": False}
 DYNAMIC_CHOICES = ("auto", "batch", "none")
@@ -46,6 +48,8 @@ class CallSpec:
     keyword: bool  # passed by name (a dict example) or by position
     flags: dict[str, Any] = field(default_factory=dict)
     mask_from: str | None = None  # derive an all-ones ``attention_mask`` from this token input
+    # Positional calls: per argument, ``None`` (a tensor) or the length of a list of tensors.
+    lists: list[int | None] | None = None
 
     @classmethod
     def of(cls, model: nn.Module, example: Any) -> CallSpec:
@@ -73,16 +77,59 @@ class CallSpec:
             if mask_from not in order:
                 mask_from = None
             return cls(tuple(example[n] for n in order), order, True, flags, mask_from)
-        tensors = (example,) if isinstance(example, torch.Tensor) else tuple(example)
-        names = params[: len(tensors)] if len(params) >= len(tensors) else []
-        names = names or [f"input_{i}" for i in range(len(tensors))]
-        flags = {k: v for k, v in flags.items() if k not in names}
-        return cls(tensors, names, False, flags)
+        args, _ = call_args(model, example) if isinstance(example, list) else (example, {})
+        args = (args,) if isinstance(args, torch.Tensor) else tuple(args)
+        tensors: list[torch.Tensor] = []
+        names: list[str] = []
+        lists: list[int | None] = []
+        for i, arg in enumerate(args):
+            pname = params[i] if i < len(params) else f"input_{i}"
+            if isinstance(arg, list | tuple):  # a list of images (detectors): one graph input each
+                if not arg or not all(isinstance(t, torch.Tensor) for t in arg):
+                    raise ValueError(
+                        f"example argument {pname!r} is a list; ONNX export takes a non-empty list of "
+                        "tensors (one graph input per element)"
+                    )
+                tensors += arg
+                names += [f"{pname}_{j}" for j in range(len(arg))]
+                lists.append(len(arg))
+            elif isinstance(arg, torch.Tensor):
+                tensors.append(arg)
+                names.append(pname if len(params) >= len(args) else f"input_{i}")
+                lists.append(None)
+            else:
+                raise ValueError(
+                    f"example argument {pname!r} is a {type(arg).__name__}; ONNX graph inputs are tensors "
+                    "or lists of tensors (leave flags out: they keep their defaults)"
+                )
+        flags = {k: v for k, v in flags.items() if k not in params[: len(args)]}
+        return cls(tuple(tensors), names, False, flags, lists=lists)
+
+    def grouped(self, tensors: tuple[torch.Tensor, ...]) -> list[Any]:
+        """The positional arguments: flat ``tensors`` regrouped into the example's lists."""
+        if self.lists is None:
+            return list(tensors)
+        args: list[Any] = []
+        at = 0
+        for n in self.lists:
+            args.append(tensors[at] if n is None else list(tensors[at : at + n]))
+            at += 1 if n is None else n
+        return args
+
+    @property
+    def has_lists(self) -> bool:
+        return any(n is not None for n in self.lists or [])
+
+    def _per_tensor_list(self) -> list[bool]:
+        """For every flat tensor: whether it is an element of a list argument."""
+        if self.lists is None:
+            return [False] * len(self.tensors)
+        return [n is not None for n in self.lists for _ in range(n or 1)]
 
     def call(self, model: nn.Module, tensors: tuple[torch.Tensor, ...]) -> Any:
         """``model``'s raw output for ``tensors`` (in ``names`` order), called as the example was."""
         if not self.keyword:
-            return model(*tensors, **self.flags)
+            return model(*self.grouped(tensors), **self.flags)
         named = dict(zip(self.names, tensors, strict=True))
         if self.mask_from is not None:
             named["attention_mask"] = torch.ones_like(named[self.mask_from])
@@ -100,10 +147,13 @@ class CallSpec:
             raise ValueError(f"dynamic must be one of {list(DYNAMIC_CHOICES)} or a dict, got {dynamic!r}")
         if dynamic == "none":
             return {}
+        # A list of images is the batch itself: its elements (C, H, W) have no batch axis, and the
+        # list's length is fixed by the graph (one input per element). Free axes: pass a dict.
+        listed = {n for n, ln in zip(self.names, self._per_tensor_list(), strict=True) if ln}
         text = dynamic == "auto" and any(_is_tokens(t) for t in self.tensors)
         axes: dict[str, dict[int, str]] = {}
         for name, t in zip(self.names, self.tensors, strict=True):
-            if t.dim() == 0:
+            if t.dim() == 0 or name in listed:
                 continue
             axes[name] = {0: "batch"}
             if text and t.dim() >= 2:
@@ -121,25 +171,62 @@ def _is_tokens(t: torch.Tensor) -> bool:
 
 def flat_outputs(out: Any, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
     """Every tensor of a model's output with a name: ``ModelOutput`` / dict keys (``logits``),
-    ``output_i`` for tuples and plain tensors; ``None`` entries are left out."""
+    ``output_i`` for top-level tuples and plain tensors, dotted paths below that (``0.boxes`` for a
+    detector's list of dicts, ``hidden_states.1``); ``None`` entries are left out.
+
+    >>> [n for n, _ in flat_outputs([{"boxes": torch.zeros(2, 4), "scores": torch.zeros(2)}])]
+    ['0.boxes', '0.scores']
+    """
     if isinstance(out, torch.Tensor):
         return [(prefix or "output_0", out)]
     if isinstance(out, Mapping):
         items = [(f"{prefix}{k}", v) for k, v in out.items() if v is not None]
     elif isinstance(out, tuple | list):
-        base = prefix or "output_"
-        items = [(f"{base}{i}", v) for i, v in enumerate(out) if v is not None]
+        items = [
+            (f"{prefix}{i}" if prefix or not isinstance(v, torch.Tensor) else f"output_{i}", v)
+            for i, v in enumerate(out)
+            if v is not None
+        ]
     else:
         raise ValueError(
-            f"the model returns a {type(out).__name__}; ONNX export needs tensors, tuples or dicts of them"
+            f"the model returns a {type(out).__name__}; ONNX export needs tensors, tuples, lists or dicts "
+            "of them"
         )
     flat: list[tuple[str, torch.Tensor]] = []
     for name, value in items:
         if isinstance(value, torch.Tensor):
             flat.append((name, value))
         else:
-            flat.extend(flat_outputs(value, f"{name}_"))
+            flat.extend(flat_outputs(value, f"{name}."))
     return flat
+
+
+def output_structure(out: Any) -> Any:
+    """The shape of a model's output as JSON: ``"t"`` for a tensor, lists and dicts of those (``None``
+    entries dropped, as ``flat_outputs`` does), so a runner can rebuild it from the flat outputs."""
+    if isinstance(out, torch.Tensor):
+        return "t"
+    if isinstance(out, Mapping):
+        return {str(k): output_structure(v) for k, v in out.items() if v is not None}
+    return [output_structure(v) for v in out if v is not None]
+
+
+def rebuild(structure: Any, flat: list[Any]) -> Any:
+    """``flat`` (in ``flat_outputs`` order) regrouped as ``structure`` says (see ``output_structure``).
+
+    >>> rebuild([{"boxes": "t", "scores": "t"}], [1, 2])
+    [{'boxes': 1, 'scores': 2}]
+    """
+    items = iter(flat)
+
+    def build(node: Any) -> Any:
+        if node == "t":
+            return next(items)
+        if isinstance(node, dict):
+            return {k: build(v) for k, v in node.items()}
+        return [build(v) for v in node]
+
+    return build(structure)
 
 
 class CallAdapter(nn.Module):

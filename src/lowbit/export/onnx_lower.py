@@ -11,6 +11,8 @@ Kernels (``Kernel.name``):
 ``DynamicQuantizeMatMul``   int8 weights, dynamic per-tensor uint8 activations (one fused op; layers
                             sharing an input: one DynamicQuantizeLinear + MatMulIntegerToFloat each)
 ``MatMulIntegerToFloat``    int8 weights, dynamic per-token activations (row scales applied after)
+``ConvInteger``             opt-in for int8-dynamic convs (``ExportOptions.dynamic_conv``): one
+                            DynamicQuantizeLinear (per tensor) + ConvInteger, scaled per channel
 ``QDQ``                     static activations: Q/DQ pairs that ORT fuses to QLinearConv /
                             QLinearMatMul; 2-7-bit codes ride in int8 Q/DQ with an integer clamp
 ``MatMulNBits``             2/4/8-bit block-wise weight-only (weights dequantized inside the kernel)
@@ -79,6 +81,9 @@ class ExportOptions:
             decides from the CPU (``lowbit.doctor.cpu_features``).
         nbits_accuracy_level: MatMulNBits ``accuracy_level`` (4: int8 activations inside the
             kernel, fastest; 0: fp32 compute, closest to lowbit's reference).
+        dynamic_conv: how int8-dynamic convs run: ``"float"`` (float Conv on the dequantized weights,
+            reported in ``fallbacks``; faster on x86 CPUs, see docs/onnx.md) or ``"ConvInteger"``
+            (DynamicQuantizeLinear + ConvInteger, per-tensor uint8 activations).
         fuse_shared_inputs: merge dynamic int8 linears reading the same input (attention Q/K/V)
             into one quantize + one GEMM; exact, since the activation is quantized the same way.
         transformer_fusions: on graphs with LayerNormalization, run ONNX Runtime's transformer
@@ -87,6 +92,7 @@ class ExportOptions:
 
     u8u8: bool | None = None
     nbits_accuracy_level: int = 4
+    dynamic_conv: str = "float"
     fuse_shared_inputs: bool = True
     transformer_fusions: bool = True
 
@@ -132,7 +138,7 @@ def _narrow_static(qw: QuantizedWeight, aq: Any) -> bool:
     return narrow and fits and aq.fmt.family == "int" and aq.fmt.bits <= 8
 
 
-def choose_kernel(layer: QuantizedModule) -> Kernel:
+def choose_kernel(layer: QuantizedModule, dynamic_conv: str = "float") -> Kernel:
     """The ONNX Runtime kernel ``layer`` gets (see the module docstring for the list).
 
     Static layers with integer weights (per channel / tensor) and integer activations of at most 8
@@ -166,7 +172,15 @@ def choose_kernel(layer: QuantizedModule) -> Kernel:
         if aq.spec.mode == "static":
             return Kernel("QDQ", "int8", note="static uint8 activations: ORT fuses Q/DQ to QLinear ops")
         if isinstance(layer, QuantizedConv):
-            return Kernel("float", "float", note="dynamic conv: ORT's ConvInteger is slower than float Conv")
+            zp = getattr(qw, "zero_point", None)
+            if dynamic_conv == "ConvInteger" and (zp is None or bool((zp == zp.reshape(-1)[0]).all())):
+                note = "opt-in: per-tensor uint8 activations (lowbit's reference quantizes per row)"
+                return Kernel("ConvInteger", "int8", note=note)
+            return Kernel(
+                "float", "float",
+                note="dynamic conv run as float Conv on the dequantized int8 weights (input not quantized): "
+                "ORT's ConvInteger measured 3-18x slower here (docs/onnx.md)",
+            )  # fmt: skip
         if isinstance(aq.granularity, gran.PerToken):
             return Kernel("MatMulIntegerToFloat", "int8", note="per-token dynamic activations")
         return Kernel("DynamicQuantizeMatMul", "int8", note="per-tensor dynamic activations")
@@ -628,6 +642,9 @@ def lower_conv(
         )
     x = _smooth(b, layer, x, prefix, channel_axis=1)
     qw = layer.qweight
+    if kernel.name == "ConvInteger":
+        _conv_integer(b, layer, x, y, prefix, u8u8)
+        return
     if kernel.name == "QDQ":
         x = _qdq_input(b, layer, x, prefix)
         w = _dq_weight(b, qw, prefix, u8=u8u8, conv_shape=layer.kernel_shape)
@@ -657,6 +674,34 @@ def lower_conv(
         dilations=list(c["dilation"]),
         group=c["groups"],
     )
+
+
+def _conv_attrs(layer: QuantizedConv) -> dict[str, Any]:
+    c = layer.config
+    return {
+        "kernel_shape": list(c["kernel_size"]),
+        "strides": list(c["stride"]),
+        "pads": list(c["padding"]) * 2,
+        "dilations": list(c["dilation"]),
+        "group": c["groups"],
+    }
+
+
+def _conv_integer(b: Builder, layer: QuantizedConv, x: str, y: str, prefix: str, u8u8: bool) -> None:
+    """DynamicQuantizeLinear (per-tensor uint8) + ConvInteger on the int8 codes, then the product
+    scaled by ``x_scale * w_scale`` per output channel and the float bias added."""
+    w, scale, zp = int8_weight_kn(layer.qweight, u8u8)
+    w = np.ascontiguousarray(w.T.reshape(layer.kernel_shape))
+    q_x, s_x, zp_x = (b.name(prefix, what) for what in ("x_q", "x_scale", "x_zp"))
+    b.node("DynamicQuantizeLinear", [x], prefix, [q_x, s_x, zp_x])
+    w_zp = b.const(prefix, "w_zp", np.array(zp.reshape(-1)[0], zp.dtype))
+    acc = b.node("ConvInteger", [q_x, b.const(prefix, "w", w), zp_x, w_zp], prefix, **_conv_attrs(layer))
+    shape = [1, -1] + [1] * layer.config["dims"]
+    s = b.node("Mul", [s_x, b.const(prefix, "w_scale", scale.reshape(shape))], prefix)
+    acc = b.node("Cast", [acc], prefix, to=TensorProto.FLOAT)
+    out = b.node("Mul", [acc, s], prefix, [y] if layer.bias is None else None)
+    if layer.bias is not None:
+        b.node("Add", [out, b.const(prefix, "bias", _np(layer.bias.float()).reshape(shape))], prefix, [y])
 
 
 # --- embedding ------------------------------------------------------------------------------------
