@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +94,8 @@ class OrtModel:
 
     def feeds(self, *args: Any, **kwargs: Any) -> dict[str, np.ndarray]:
         """The ORT input dict for a PyTorch-style call (what ``__call__`` passes to the session)."""
-        if len(args) == 1 and isinstance(args[0], dict) and not kwargs:
+        # Any mapping: a transformers ``BatchEncoding`` is a ``UserDict``, not a ``dict``.
+        if len(args) == 1 and isinstance(args[0], Mapping) and not kwargs:
             kwargs, args = dict(args[0]), ()
         if len(args) > len(self.input_names):
             raise ValueError(f"got {len(args)} inputs, the exported model takes {self.input_names}")
