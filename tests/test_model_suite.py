@@ -73,9 +73,20 @@ def test_a_cell_records_a_lowbit_refusal_and_a_crash_apart(tmp_path):
     built = _built("tagger")
     refused = suite.run_cell(built, "tagger", "no-such-preset", tmp_path)
     assert refused.status == "refused" and "RecipeError" in refused.error
-    broken = outside_models.Built(torch.nn.Identity(), [torch.ones(2, 3)], [torch.ones(2, 3)])
-    crashed = suite.run_cell(broken, "identity", "int8-dynamic", tmp_path)
-    assert crashed.status in ("refused", "crash") and crashed.error
+
+    class Broken(torch.nn.Module):  # model code that fails: not lowbit's error, so a crash
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(3, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if not torch.is_grad_enabled():
+                raise RuntimeError("boom")
+            return self.fc(x)
+
+    broken = outside_models.Built(Broken(), [torch.ones(2, 3)], [torch.ones(2, 3)])
+    crashed = suite.run_cell(broken, "broken", "int8-dynamic", tmp_path)
+    assert crashed.status == "crash" and "RuntimeError: boom" in crashed.error
 
 
 def test_the_crnn_exports_static_and_says_so(tmp_path):
