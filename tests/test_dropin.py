@@ -143,3 +143,39 @@ def test_transformers_models_that_inspect_their_layers_run(build, preset):
     assert out.shape == ref.shape
     cos = nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0)
     assert cos > (0.999 if preset == "int8-dynamic" else 0.98)
+
+
+def test_qat_layers_answer_the_float_layers_attributes():
+    """QAT layers are drop-ins too: model code reads ``conv.stride`` / ``projection.weight.dtype``."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 3 * 3, 4))
+    m = lowbit.qat.prepare(model, lowbit.qat.recipe(8))
+    conv = m[0]
+    assert type(conv).__name__ == "QATConv"
+    assert conv.stride == (2, 2) and conv.out_channels == 8
+    assert conv.weight is conv.conv.weight and conv.weight.dtype == torch.float32
+    with pytest.raises(AttributeError):
+        conv.no_such_attribute  # noqa: B018
+
+
+def test_qat_trains_and_converts_hf_conv1d():
+    pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Conv1D(16, 8), nn.ReLU(), Conv1D(4, 16))
+    x = torch.randn(32, 8)
+    m = lowbit.qat.prepare(model, lowbit.qat.recipe(8, activation_bits=None))
+    assert m[0].weight.shape == model[0].weight.shape == (8, 16)  # the float [in, out] layout
+    assert m[0].nf == 16
+    opt = torch.optim.Adam(m.parameters(), 1e-4)  # Conv1D weights are ~0.02: small steps
+    for _ in range(3):
+        loss = nn.functional.mse_loss(m(x), model(x).detach())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    q = lowbit.qat.convert(m)
+    assert type(q[0]).__name__ == "QuantizedLinear" and q[0].weight.shape == (8, 16)
+    with torch.no_grad():
+        assert torch.equal(q(x), m.eval()(x))
+        cos = nn.functional.cosine_similarity(q(x).flatten(), model(x).flatten(), dim=0)
+    assert cos > 0.99

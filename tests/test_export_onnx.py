@@ -280,9 +280,37 @@ def test_a_batch_encoding_is_an_example_like_a_dict(tmp_path):
     model = _hf_model("bert")
     ids = torch.randint(0, 96, (2, 6))
     example = transformers.BatchEncoding({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
-    report = lowbit.export_onnx(lowbit.quantize(model, "int8-dynamic", progress=False), tmp_path / "m.onnx",
-                                example)  # fmt: skip
+    q = lowbit.quantize(model, "int8-dynamic", progress=False)
+    report = lowbit.export_onnx(q, tmp_path / "m.onnx", example)  # fmt: skip
     assert report.file_bytes > 0
+    # lowbit.runtime takes the BatchEncoding as one batch too (a UserDict, not a dict).
+    out = load(tmp_path / "m.onnx")(example)[0]  # last_hidden_state, pooler_output
+    with torch.no_grad():
+        ref = q(**example).last_hidden_state
+    assert out.shape == ref.shape and (out - ref).abs().max() < 2e-2 * ref.abs().max()
+
+
+def test_encoder_decoder_exports_without_a_decoder_mask(tmp_path):
+    """Whisper's decoder, given ``decoder_input_ids`` only, gets an all-ones mask in the graph (as
+    ``input_ids`` does): without it transformers' packed-sequence check uses ``torch.diff``."""
+    pytest.importorskip("transformers")
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = WhisperConfig(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=16,
+                        max_source_positions=32, max_target_positions=32, vocab_size=100, pad_token_id=0,
+                        bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)  # fmt: skip
+    q = lowbit.quantize(WhisperForConditionalGeneration(cfg).eval(), "int8-dynamic", progress=False)
+    example = {"input_features": torch.randn(2, 16, 64), "decoder_input_ids": torch.randint(3, 100, (2, 5))}
+    lowbit.export_onnx(q, tmp_path / "w.onnx", example)
+    ort = load(tmp_path / "w.onnx")
+    assert ort.input_names == list(example)
+    out = ort(example)[0]
+    with torch.no_grad():
+        ref = q(**example, use_cache=False).logits
+    assert out.shape == ref.shape == (2, 5, 100)
+    assert nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0) > 0.999
 
 
 def test_dict_inputs_that_are_not_arguments_are_named(tmp_path):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +101,8 @@ class OrtModel:
 
     def feeds(self, *args: Any, **kwargs: Any) -> dict[str, np.ndarray]:
         """The ORT input dict for a PyTorch-style call (what ``__call__`` passes to the session)."""
-        if len(args) == 1 and isinstance(args[0], dict) and not kwargs:
+        # Any mapping: a transformers ``BatchEncoding`` is a ``UserDict``, not a ``dict``.
+        if len(args) == 1 and isinstance(args[0], Mapping) and not kwargs:
             kwargs, args = dict(args[0]), ()
         # A list of images (detectors) stands for one graph input per element.
         args = tuple(a for arg in args for a in (arg if isinstance(arg, list | tuple) else (arg,)))

@@ -47,7 +47,8 @@ class CallSpec:
     names: list[str]
     keyword: bool  # passed by name (a dict example) or by position
     flags: dict[str, Any] = field(default_factory=dict)
-    mask_from: str | None = None  # derive an all-ones ``attention_mask`` from this token input
+    # Masks the example lacks, derived in the graph as all ones: {mask argument: its token input}.
+    masks_from: dict[str, str] = field(default_factory=dict)
     # Positional calls: per argument, ``None`` (a tensor) or the length of a list of tensors.
     lists: list[int | None] | None = None
 
@@ -73,10 +74,15 @@ class CallSpec:
                 flags.pop(name, None)
             # Without a mask, transformers checks position ids for packed sequences with torch.diff,
             # which ONNX lacks; an all-ones mask computed in the graph means the same and exports.
-            mask_from = "input_ids" if "attention_mask" in params and "attention_mask" not in order else None
-            if mask_from not in order:
-                mask_from = None
-            return cls(tuple(example[n] for n in order), order, True, flags, mask_from)
+            # Each ``<prefix>attention_mask`` argument pairs with ``<prefix>input_ids`` (encoder-decoder
+            # models: ``decoder_attention_mask`` with ``decoder_input_ids``).
+            masks_from = {
+                p: p[: -len("attention_mask")] + "input_ids"
+                for p in params
+                if p.endswith("attention_mask") and p not in order
+                and p[: -len("attention_mask")] + "input_ids" in order
+            }  # fmt: skip
+            return cls(tuple(example[n] for n in order), order, True, flags, masks_from)
         args, _ = call_args(model, example) if isinstance(example, list) else (example, {})
         args = (args,) if isinstance(args, torch.Tensor) else tuple(args)
         tensors: list[torch.Tensor] = []
@@ -131,8 +137,8 @@ class CallSpec:
         if not self.keyword:
             return model(*self.grouped(tensors), **self.flags)
         named = dict(zip(self.names, tensors, strict=True))
-        if self.mask_from is not None:
-            named["attention_mask"] = torch.ones_like(named[self.mask_from])
+        for mask, tokens in self.masks_from.items():
+            named[mask] = torch.ones_like(named[tokens])
         return model(**named, **self.flags)
 
     def dynamic_axes(self, dynamic: str | Mapping[str, Mapping[int, str]]) -> dict[str, dict[int, str]]:

@@ -15,13 +15,15 @@ torch.Size([2, 4])
 from __future__ import annotations
 
 import copy
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from torch.func import functional_call
 from torch.nn import functional as F
 
+from lowbit.nn.base import _plain
+from lowbit.nn.layers import is_hf_conv1d
 from lowbit.nn.qweight import QuantizedWeight
 from lowbit.primitives import quantize
 from lowbit.qat.fake_quant import ActFakeQuant, WeightFakeQuant
@@ -50,6 +52,20 @@ class QATModule(nn.Module):
         self.lsq = lsq
         self.input_quant = ActFakeQuant(activation, lsq, name) if activation.enabled else None
 
+    # The float layer a subclass wraps as a submodule (``conv``, ``rnn`` ...): attribute reads this
+    # layer cannot answer go to it, so model code that inspects layers (transformers reads
+    # ``projection.weight.dtype`` in ViT, ``conv1.stride`` in Whisper) keeps working while training.
+    wrapped: ClassVar[str | None] = None
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            inner = self.__dict__.get("_modules", {}).get(self.wrapped) if self.wrapped else None
+            if inner is None or name.startswith("_"):
+                raise
+            return getattr(inner, name)
+
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.input_quant is None else self.input_quant(x)
 
@@ -67,35 +83,54 @@ class QATModule(nn.Module):
 
 
 class QATLinear(QATModule):
-    """``nn.Linear`` trained with fake-quantized weight and input."""
+    """``nn.Linear`` (or Hugging Face GPT-2's ``Conv1D``, a linear layer whose weight is stored
+    ``[in, out]``) trained with fake-quantized weight and input. ``weight`` keeps the float layer's
+    layout, so its state dict and model code reading it are unchanged."""
 
     kind = "linear"
 
     def __init__(
         self,
-        module: nn.Linear,
+        module: nn.Module,
         weight: WeightSpec,
         activation: ActivationSpec,
         lsq: bool = False,
         name: str = "",
     ) -> None:
-        if type(module) is not nn.Linear:
+        transposed = is_hf_conv1d(module)
+        if type(module) is not nn.Linear and not transposed:
             raise ValueError(
                 f"layer {name or '?'}: QAT supports torch.nn.Linear, got {type(module).__name__}; "
                 "exclude it from the recipe (exclude=[...]) to keep it float"
             )
         super().__init__(activation, lsq, name)
-        self.in_features, self.out_features = module.in_features, module.out_features
-        self.weight = nn.Parameter(module.weight.detach().clone())
+        self.transposed = transposed
+        # The float layer's plain settings (``nf`` of Conv1D ...), as quantized layers keep them.
+        for key, value in vars(module).items():
+            if not key.startswith("_") and key != "training" and _plain(value) and key not in vars(self):
+                setattr(self, key, value)
+        w = module.weight.detach()
+        self.out_features, self.in_features = (w.shape[1], w.shape[0]) if self.transposed else w.shape
+        self.weight = nn.Parameter(w.clone())
         self.bias = None if module.bias is None else nn.Parameter(module.bias.detach().clone())
-        self.weight_quant = WeightFakeQuant(weight, self.weight, lsq, name)
+        # Conv1D is rebuilt from a copy of itself (its class lives in transformers, not here).
+        self._template = [copy.deepcopy(module)] if self.transposed else []
+        self.weight_quant = WeightFakeQuant(weight, self._matrix(), lsq, name)
+
+    def _matrix(self) -> torch.Tensor:
+        """The ``[out, in]`` weight, as ``QuantizedLinear`` quantizes it."""
+        return self.weight.t() if self.transposed else self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.quantize_input(x), self.weight_quant(self.weight), self.bias)
+        # Contiguous: the same GEMM as the converted layer's, so converted outputs match bit for bit.
+        return F.linear(self.quantize_input(x), self.weight_quant(self._matrix()).contiguous(), self.bias)
 
-    def to_float(self) -> nn.Linear:
-        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
-        out = out.to(self.weight.device)
+    def to_float(self) -> nn.Module:
+        if self.transposed:
+            out = copy.deepcopy(self._template[0]).to(self.weight.device)
+        else:
+            out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+            out = out.to(self.weight.device)
         with torch.no_grad():
             out.weight.copy_(self.weight)
             if self.bias is not None:
@@ -103,7 +138,7 @@ class QATLinear(QATModule):
         return out
 
     def quantized_weights(self) -> dict[str, QuantizedWeight]:
-        return {"qweight": pack(self.weight_quant, self.weight, self.algorithm)}
+        return {"qweight": pack(self.weight_quant, self._matrix(), self.algorithm)}
 
 
 class QATConv(QATModule):
@@ -111,6 +146,7 @@ class QATConv(QATModule):
     ``[out, in/groups * prod(kernel)]`` matrix, exactly as ``QuantizedConv`` stores it."""
 
     kind = "conv"
+    wrapped = "conv"
 
     def __init__(
         self,
@@ -148,6 +184,7 @@ class QATEmbedding(QATModule):
     """``nn.Embedding`` with a fake-quantized table (its integer inputs are never quantized)."""
 
     kind = "embedding"
+    wrapped = "embedding"
 
     def __init__(
         self,
@@ -177,6 +214,7 @@ class QATRNN(QATModule):
     hidden states are not (as in ``QuantizedRNN``)."""
 
     kind = "rnn"
+    wrapped = "rnn"
 
     def __init__(
         self,
