@@ -69,3 +69,29 @@ def test_save_load_identical(setup, tmp_path):
         back = lowbit.load(tmp_path / "art", model=MTCNN())
     a, b = q.detect(images["group"]), back.detect(images["group"])
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_onnx_export_of_each_net_matches(setup, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    from lowbit.zoo.mtcnn import calibration_inputs
+
+    detector, images, _, _ = setup
+    inputs = calibration_inputs(detector, [images["group"]])
+    for net in ("pnet", "rnet", "onet"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            q = lowbit.quantize(
+                getattr(detector, net), "int8-static", calibration=inputs[net], progress=False
+            )
+        x = inputs[net][0][:8]
+        lowbit.export_onnx(q, tmp_path / f"{net}.onnx", x)
+        session = ort.InferenceSession(str(tmp_path / f"{net}.onnx"))
+        got = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        with torch.no_grad():
+            want = q(x)
+        for g, w in zip(got, want, strict=True):
+            assert g.shape == tuple(w.shape)
+            # Equal but for a rare int8 rounding tie (one activation step, ~6e-4 on P-Net's offsets).
+            g = torch.from_numpy(g)
+            assert float(torch.cosine_similarity(g.flatten(), w.flatten(), dim=0)) > 0.99999, net
+            assert float((g - w).abs().max()) < 1e-2, net
