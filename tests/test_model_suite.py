@@ -84,7 +84,7 @@ def test_a_cell_records_a_lowbit_refusal_and_a_crash_apart(tmp_path):
                 raise RuntimeError("boom")
             return self.fc(x)
 
-    broken = outside_models.Built(Broken(), [torch.ones(2, 3)], [torch.ones(2, 3)])
+    broken = outside_models.Built(Broken(), [torch.randn(2, 3)], [torch.randn(2, 3)])
     crashed = suite.run_cell(broken, "broken", "int8-dynamic", tmp_path)
     assert crashed.status == "crash" and "RuntimeError: boom" in crashed.error
 
