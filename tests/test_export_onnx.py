@@ -436,3 +436,32 @@ def test_vision_models_that_read_their_layers_export(tmp_path, arch, preset):
     assert out.shape == ref.shape == (3, 5)
     cos = nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0)
     assert cos > 0.999
+
+
+def test_awq_smoothed_lstm_exports_with_its_input_scaling(tmp_path):
+    """AWQ scales the LSTM's first input weights and divides its input; the float RNN in the graph
+    must carry that division (it was dropped: ORT cosine 0.96 on a conv + BiLSTM recogniser)."""
+
+    class ConvLSTM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv1d(4, 32, 3, padding=1)
+            self.rnn = nn.LSTM(32, 16, batch_first=True, bidirectional=True)
+            self.head = nn.Linear(32, 5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(self.conv(x)).transpose(1, 2)
+            return self.head(self.rnn(h)[0])
+
+    torch.manual_seed(0)
+    model = ConvLSTM().eval()
+    calib = [torch.randn(4, 4, 24) * torch.linspace(0.1, 8, 4).reshape(1, 4, 1) for _ in range(2)]
+    q = lowbit.quantize(model, "int4-awq", calibration=calib, progress=False)
+    assert getattr(q.rnn, "input_smooth", None) is not None  # the case under test
+    export_onnx(q, tmp_path / "m.onnx", calib[0][:2])
+    x = calib[1][:3]
+    with torch.no_grad():
+        ref = q(x)
+    out = load(tmp_path / "m.onnx", threads=1)(x)
+    cos = torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0)
+    assert float(cos) >= 0.9999

@@ -181,6 +181,13 @@ def _float_rnn(layer: QuantizedRNN) -> nn.Module:
     cls = nn.LSTM if layer.config["mode"] == "LSTM" else nn.GRU
     rnn = cls(**{k: v for k, v in layer.config.items() if k != "mode"})
     state = {n: qw.dequantize() for n, qw in layer.weights.items()}
+    smooth = getattr(layer, "input_smooth", None)
+    if smooth is not None:
+        # AWQ / SmoothQuant scaled the first layer's input weights by s and the layer divides its
+        # input by s; the float RNN takes the raw input, so the division goes into those columns.
+        for n in state:
+            if n.startswith("weight_ih_l0"):
+                state[n] = state[n] / smooth.to(state[n].dtype)
     state.update({n: getattr(layer, n).detach() for n in layer.bias_names})
     rnn.load_state_dict(state)
     return rnn.eval()
