@@ -196,29 +196,34 @@ def measure_activation_plan(
         return plan
     batches = list(calibration)[:PLAN_BATCHES]
     groups, absmax = _input_groups(model, layers, batches)
-    weights = {i: read(layers[i], Matrix("weight", "x")) for g in groups for i in g}
-    scales = {}
+
+    # No weight copies are kept (a large model would need three): each is read, quantized both
+    # ways and dropped inside the hook; only the per-channel scales stay.
+    def weight(i: int) -> torch.Tensor:
+        return read(layers[i], Matrix("weight", "x"))
+
+    scales: dict[int, torch.Tensor] = {}
     for g in groups:
-        s = smoothquant_scales(absmax[g[0]], [weights[i] for i in g], alpha)
+        s = smoothquant_scales(absmax[g[0]], [weight(i) for i in g], alpha)
         for i in g:
             scales[i] = s
-    q_plain = {i: _quantized_weight(layers[i], w) for i, w in weights.items()}
-    q_smooth = {i: _quantized_weight(layers[i], w * scales[i]) for i, w in weights.items()}
-    sums = {i: [0.0, 0.0, 0.0] for i in weights}  # tensor error², token error², reference²
-    token_q = {i: ActivationQuantizer(layers[i].activation) for i in weights}
+    sums = {i: [0.0, 0.0, 0.0] for i in scales}  # tensor error², token error², reference²
+    token_q = {i: ActivationQuantizer(layers[i].activation) for i in scales}
     tensor_q = {
         i: ActivationQuantizer(dataclasses.replace(layers[i].activation, granularity="tensor"))
-        for i in weights
+        for i in scales
     }
 
     def hook(i: int):
         def pre(module: nn.Module, args: tuple[Any, ...]) -> None:
             if i not in sums or not args or not isinstance(args[0], torch.Tensor):
                 return
-            x = _rows(args[0])[:MAX_ROWS].to(weights[i].device)
-            ref = x @ weights[i].T
-            by_tensor = tensor_q[i](x / scales[i]) @ q_smooth[i].T
-            by_token = token_q[i](x) @ q_plain[i].T
+            w = weight(i)
+            x = _rows(args[0])[:MAX_ROWS].to(w.device)
+            ref = x @ w.T
+            s = scales[i].to(w.device)
+            by_tensor = tensor_q[i](x / s) @ _quantized_weight(layers[i], w * s).T
+            by_token = token_q[i](x) @ _quantized_weight(layers[i], w).T
             sums[i][0] += float((by_tensor - ref).pow(2).sum())
             sums[i][1] += float((by_token - ref).pow(2).sum())
             sums[i][2] += float(ref.pow(2).sum())
