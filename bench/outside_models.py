@@ -116,38 +116,39 @@ def distilbert(size: str = "small") -> Built:
     return Built(model, calib, evals, classifier=True, init="HF default (0.02)")
 
 
+def _causal_lm(model_cls: type, small: Any, full: Any, size: str) -> Built:
+    """A random-init causal LM and token batches (4 x 12 small, 8 x 32 full)."""
+    cfg, shape = (small, (4, 12)) if size == "small" else (full, (8, 32))
+    model = model_cls(cfg).eval()
+    calib = _token_batches(cfg.vocab_size, 4, *shape, seed=1)
+    evals = _token_batches(cfg.vocab_size, 2, *shape, seed=2)
+    return Built(model, calib, evals, classifier=True, init="HF default (0.02)")
+
+
 def gpt2(size: str = "small") -> Built:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    if size == "small":
-        cfg = GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=2, n_positions=64)
-        shape = (4, 12)
-    else:
-        cfg = GPT2Config(vocab_size=1000, n_embd=256, n_layer=4, n_head=4, n_positions=128)
-        shape = (8, 32)
-    model = GPT2LMHeadModel(cfg).eval()
-    calib = _token_batches(cfg.vocab_size, 4, *shape, seed=1)
-    evals = _token_batches(cfg.vocab_size, 2, *shape, seed=2)
-    return Built(model, calib, evals, classifier=True, init="HF default (0.02)")
+    return _causal_lm(
+        GPT2LMHeadModel,
+        GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=2, n_positions=64),
+        GPT2Config(vocab_size=1000, n_embd=256, n_layer=4, n_head=4, n_positions=128),
+        size,
+    )
 
 
 def llama(size: str = "small") -> Built:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    if size == "small":
-        cfg = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
-        shape = (4, 12)
-    else:
-        cfg = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-        shape = (8, 32)
-    model = LlamaForCausalLM(cfg).eval()
-    calib = _token_batches(cfg.vocab_size, 4, *shape, seed=1)
-    evals = _token_batches(cfg.vocab_size, 2, *shape, seed=2)
-    return Built(model, calib, evals, classifier=True, init="HF default (0.02)")
+    return _causal_lm(
+        LlamaForCausalLM,
+        LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64),
+        LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128),
+        size,
+    )  # fmt: skip
 
 
 def vit(size: str = "small") -> Built:

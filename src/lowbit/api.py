@@ -69,9 +69,10 @@ def quantize(
     if calibration is not None and not isinstance(calibration, (list, tuple)):
         calibration = list(calibration)  # it may be read twice (weight algorithm, then activations)
     plan = None
-    if recipe.activation_plan == "measured" and calibration:
+    measured = recipe.activation_plan == "measured" and bool(calibration)
+    if measured:  # the measurement runs the model: the same checks as calibration, done once
         check_model(model, plan_model(model, recipe), recipe.allow_saturation, whole_model=True)
-        check_calibration(calibration)
+        check_calibration(calibration)  # type: ignore[arg-type]
         plan = measure_activation_plan(model, recipe, calibration)
         recipe = apply_activation_plan(model, recipe, plan)
         if progress:
@@ -84,8 +85,9 @@ def quantize(
     uses_data = bool(steps) or edges or recipe.needs_calibration
     # Calibration runs the whole forward pass, so then every parameter must be finite; prepare()
     # repeats the per-layer checks and gives the saturation warnings.
-    check_model(model, plan_model(model, recipe), recipe.allow_saturation, whole_model=uses_data)
-    if uses_data and calibration:
+    if not measured:
+        check_model(model, plan_model(model, recipe), recipe.allow_saturation, whole_model=uses_data)
+    if uses_data and calibration and not measured:
         check_calibration(calibration)
     work, extra, result = model, {}, None
     if steps or edges:
