@@ -17,6 +17,7 @@ from typing import Any
 
 from torch import nn
 
+from lowbit.backends import use_kernels
 from lowbit.errors import DataError
 from lowbit.export.artifact import load, save
 from lowbit.modelcheck import require_module
@@ -41,6 +42,7 @@ def quantize(
     inplace: bool = False,
     progress: bool = True,
     cache_bytes: int | None = None,
+    kernels: str = "auto",
 ) -> nn.Module:
     """Quantize ``model`` as ``recipe`` (a preset name, a YAML path, a dict or a ``Recipe``) says.
 
@@ -53,6 +55,11 @@ def quantize(
     pass ``inplace=True`` when the float model is not needed afterwards (data-aware recipes then
     free each layer's float weight as soon as its stage is done, so ``model`` holds no float
     weights afterwards). Returns the quantized model.
+
+    ``kernels`` picks what runs each quantized layer (``lowbit.backends.use_kernels``): ``"auto"``
+    (the fastest registered integer kernel this machine runs accurately, measured once and cached;
+    the choices are ``result.lowbit_kernels``), ``"reference"`` (dequantize + float op, the exact
+    simulation) or a backend name.
 
     With calibration data (and not ``inplace``), every quantized layer and the model's output are
     then compared with the float model on the first batches (``lowbit.ptq.fidelity``): the result
@@ -115,6 +122,7 @@ def quantize(
         qmodel.lowbit_calibration = result
     if plan is not None:
         qmodel.lowbit_activation_plan = plan
+    use_kernels(qmodel, kernels)
     if calibration and qmodel is not model:
         fidelity = measure_fidelity(model, qmodel, list(calibration)[:CHECK_BATCHES])
         qmodel.lowbit_fidelity = fidelity

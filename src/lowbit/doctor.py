@@ -26,6 +26,7 @@ class CpuFeatures:
     avx512: bool = False
     vnni: bool = False  # AVX512-VNNI or AVX-VNNI: u8 x s8 dot products accumulate in 32 bits
     amx: bool = False
+    bf16: bool = False  # native bfloat16 dot products (AVX512-BF16, AMX-BF16, Arm BF16)
     neon: bool = False
     dotprod: bool = False  # Arm SDOT/UDOT
 
@@ -71,6 +72,7 @@ def cpu_features() -> CpuFeatures:
         avx512="avx512f" in flags,
         vnni=bool({"avx512_vnni", "avx_vnni", "avx512vnni"} & flags),
         amx=bool({"amx_int8", "amx_tile"} & flags),
+        bf16=bool({"avx512_bf16", "amx_bf16", "bf16"} & flags),
         neon=arch in ("aarch64", "arm64") or "asimd" in flags or "neon" in flags,
         dotprod="asimddp" in flags,
     )

@@ -213,6 +213,7 @@ def load(
     *,
     allow_unsealed: bool = False,
     verify_seal: SealCheck | None = None,
+    kernels: str = "auto",
 ) -> nn.Module:
     """Rebuild the quantized model from an artifact, using ``model`` (the float architecture,
     weights irrelevant) as the skeleton. ``model`` is modified in place and returned.
@@ -225,6 +226,9 @@ def load(
 
     Raises ``ArtifactError`` (a ``ValueError``) naming the file, tensor or layer at fault when the
     artifact is corrupt, truncated, tampered with, or made from a different architecture.
+
+    ``kernels`` picks what runs each layer on this machine, as for ``lowbit.quantize``
+    (``lowbit.backends.use_kernels``: ``"auto"``, ``"reference"`` or a backend name).
     """
     require_module(model, "load")
     manifest = read_manifest(directory, allow_unsealed=allow_unsealed, verify_seal=verify_seal)
@@ -244,6 +248,9 @@ def load(
     model.load_state_dict({k: v.to(device) for k, v in tensors.items()}, strict=True)
     if recipe is not None:
         model.lowbit_recipe = recipe
+    from lowbit.backends import use_kernels  # the backends import the layers this module builds
+
+    use_kernels(model, kernels)
     return model.eval()
 
 

@@ -5,9 +5,10 @@ optional ``ActivationQuantizer`` for its input. An optional per-input-channel ``
 divisor implements SmoothQuant / AWQ: the input is divided by it and the weight was multiplied by
 it before quantization, so the float product is unchanged while outliers move into the weight.
 
-Its forward is the *reference* path: dequantize the weight, run the float op. It is exactly the
-fake-quant simulation, and it is what the fast runtimes (ONNX Runtime export) are checked against.
-``backend`` says which path runs; the reference path is never reported as faster than float.
+Its forward is the *reference* path (dequantize the weight, run the float op: exactly the fake-quant
+simulation, what every fast path is checked against) until ``set_kernel`` attaches a real kernel
+(``lowbit.backends``). ``backend`` says which path runs; the reference path is never reported as
+faster than float. Kernels run inference only: with autograd recording, the reference path runs.
 """
 
 from __future__ import annotations
@@ -41,12 +42,40 @@ class QuantizedModule(nn.Module):
     """
 
     kind: ClassVar[str] = "module"
-    backend: str = "reference"
 
     def __init__(self) -> None:
         super().__init__()
         self.input_quant: ActivationQuantizer | None = None
         self.float_dtype = torch.float32
+        self._kernel: Any = None  # a lowbit.backends.Kernel; plain attribute, never in state_dict
+        # New weights (an artifact loaded into this layer) make a packed copy stale: drop it.
+        self.register_load_state_dict_post_hook(lambda module, keys: module.set_kernel(None))
+
+    @property
+    def backend(self) -> str:
+        """What runs this layer: a ``lowbit.backends`` name, or ``reference``."""
+        kernel = self._kernel
+        return "reference" if kernel is None else kernel.name
+
+    def set_kernel(self, kernel: Any) -> None:
+        """Run ``kernel`` (a ``lowbit.backends.Kernel``) instead of the reference path; ``None``
+        goes back to the reference path."""
+        self._kernel = kernel
+
+    def run_kernel(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The kernel's output (bias added) for ``x``, or ``None`` when the reference path must run:
+        no kernel, another device, a non-float input, or autograd recording (kernels have no backward)."""
+        kernel = self._kernel
+        if kernel is None or x.device != kernel.device or not x.is_floating_point():
+            return None
+        if torch.is_grad_enabled() and x.requires_grad:
+            return None
+        smooth = getattr(self, "input_smooth", None)
+        if smooth is not None:
+            x = x / self._broadcast_smooth(smooth, x)
+        y = kernel(x)
+        bias = getattr(self, "bias", None)
+        return y if bias is None else y + bias.to(y.dtype)
 
     def adopt(self, module: nn.Module) -> QuantizedModule:
         """Copy ``module``'s public settings that this layer does not define itself; returns ``self``.
@@ -116,7 +145,9 @@ class QuantizedModule(nn.Module):
             "weights": {name: qw.manifest() for name, qw in self.quantized_weights().items()},
             "activation": None if self.input_quant is None else self.input_quant.manifest(),
             "input_smooth": getattr(self, "input_smooth", None) is not None,
-            "backend": self.backend,
+            # What the artifact stores runs on the reference path anywhere; kernels are chosen per
+            # machine when it is loaded.
+            "backend": "reference",
         }
 
     @property

@@ -51,8 +51,9 @@ def weight_paths(name: str, version: int) -> tuple[Path, Path]:
     return folder / f"{stem}.safetensors", folder / f"{stem}.json"
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    # A temp file in the same directory makes os.replace atomic: readers see old or new, never half.
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically: readers see the old file or the new one, never half
+    (a temp file in the same directory, then ``os.replace``)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -91,7 +92,7 @@ def save_weights(name: str, version: int, state: dict[str, torch.Tensor], info: 
             Path(tmp).unlink(missing_ok=True)
             raise
         record = {"name": name, "recipe_version": version, "sha256": digest, **info}
-        _atomic_write(meta, (json.dumps(record, indent=2) + "\n").encode())
+        atomic_write(meta, (json.dumps(record, indent=2) + "\n").encode())
     except OSError as err:
         warnings.warn(f"lowbit.zoo: could not cache {name} weights in {weights.parent}: {err}", stacklevel=2)
         return None

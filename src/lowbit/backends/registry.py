@@ -1,0 +1,25 @@
+"""Every execution backend lowbit knows, in order of preference on ties (the reference path is
+implicit: it runs whatever no backend takes).
+
+>>> [b.name for b in BACKENDS][:2]
+['torch-int-mm', 'fbgemm-dynamic']
+>>> by_name("nope")
+Traceback (most recent call last):
+...
+ValueError: unknown backend 'nope'; known: torch-int-mm, fbgemm-dynamic, torch-int8pack-bf16, torch-int4pack-bf16
+"""
+
+from __future__ import annotations
+
+from lowbit.backends.base import Backend
+from lowbit.backends.linear import LINEAR_BACKENDS
+
+BACKENDS: tuple[Backend, ...] = (*LINEAR_BACKENDS,)
+
+
+def by_name(name: str) -> Backend:
+    """The registered backend called ``name``."""
+    for backend in BACKENDS:
+        if backend.name == name:
+            return backend
+    raise ValueError(f"unknown backend {name!r}; known: {', '.join(b.name for b in BACKENDS)}")
