@@ -52,7 +52,8 @@ def test_linear_kernels_match_reference(tmp_path, recipe, kernel, precision):
     x = torch.randn(7, 64)
     # The per-token kernel is the subject here: int8-dynamic's measured plan would pick per tensor.
     recipe = lowbit.recipes.with_overrides(recipe, activation_plan="fixed")
-    q = lowbit.quantize(model, recipe, calibration=[torch.randn(32, 64)], progress=False)
+    # ONNX Runtime is checked against the reference path itself (PyTorch kernels round differently).
+    q = lowbit.quantize(model, recipe, calibration=[torch.randn(32, 64)], progress=False, kernels="reference")
     report = export_onnx(q, tmp_path / "m.onnx", x, options=EXACT_OPTS)
     assert [(layer.kernel, layer.precision) for layer in report.layers] == [(kernel, precision)] * 2
     assert all(layer.storage_only == (kernel == "float") for layer in report.layers)

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowbit.eval.latency import backend_of, is_real_kernel
 from lowbit.recipes import ActivationSpec, Recipe, WeightSpec
 from lowbit.recipes.spec import LayerRule
 
@@ -41,7 +42,7 @@ ENCODER_INT4 = Recipe(
 )
 
 
-BENCH_COLUMNS = ["variant", "batch", "latency", "vs ORT fp32", "fidelity", "size", "backend"]
+BENCH_COLUMNS = ["variant", "batch", "latency", "vs ORT fp32", "vs torch fp32", "fidelity", "size", "backend"]
 KERNEL_COLUMNS = ["kernel", "rows", "latency", "vs fp32 ORT", "limit", "of limit"]
 
 
@@ -58,6 +59,7 @@ class BenchRow:
     size_mb: float | None
     backend: str
     note: str = ""
+    speedup_torch: float | None = None  # vs PyTorch fp32 in the same run
 
 
 @dataclass
@@ -110,6 +112,7 @@ class BenchReport:
                 str(r.batch),
                 f"{r.latency_ms:.2f} ms",
                 "" if r.speedup is None else f"{r.speedup:.2f}x",
+                "" if r.speedup_torch is None else f"{r.speedup_torch:.2f}x",
                 "" if r.fidelity is None else f"{r.fidelity:.4f} ({r.metric})",
                 "" if r.size_mb is None else f"{r.size_mb:.1f} MB",
                 r.backend,
@@ -120,7 +123,8 @@ class BenchReport:
             f"## lowbit bench {self.model}",
             "",
             f"CPU: {cpu.get('model')} ({flags}), {self.threads} threads; median of {self.repeats} "
-            "interleaved repeats; speed-up is against float ONNX Runtime in the same run.",
+            "interleaved repeats; speed-ups are against float ONNX Runtime and float PyTorch in the same "
+            "run (none for the reference path: a simulation, not a kernel).",
             "",
             markdown_table(BENCH_COLUMNS, rows),
         ]
@@ -286,6 +290,7 @@ def _build_variants(
     for label, recipe in chosen:
         q = lowbit.quantize(model, recipe, calibration=zm.calibration, progress=False)
         name = recipe if isinstance(recipe, str) else recipe.name
+        variants.append(_torch_variant(f"{label} ({name}), PyTorch", q, backend_of(q), _param_bytes(q)))
         path = workdir / f"{label.replace(' ', '_')}_{Path(str(name)).stem}.onnx"
         report = export_onnx(q, path, example)
         fallback = f"; {len(report.fallbacks)} layer(s) float" if report.fallbacks else ""
@@ -354,14 +359,16 @@ def bench(
             feeds = {v.name: v.prepare(batch) for v in variants}
             calls = {v.name: (lambda v=v, f=feeds[v.name]: v.call(f)) for v in variants}
             times = time_interleaved(calls, repeats, settle=SETTLE_SECONDS)
-            base = times.get("ORT fp32")
+            base, torch_base = times.get("ORT fp32"), times[variants[0].name]
             for v in variants:
                 f, metric = fid[v.name]
+                real = is_real_kernel(v.backend)
                 report.rows.append(
                     BenchRow(
                         v.name, _batch_rows(batch), times[v.name] * 1e3,
-                        None if base is None else base / times[v.name], f, metric,
+                        None if base is None or not real else base / times[v.name], f, metric,
                         None if v.size_bytes is None else v.size_bytes / 1e6, v.backend, v.note,
+                        torch_base / times[v.name] if real else None,
                     )
                 )  # fmt: skip
         if kernels:

@@ -103,11 +103,15 @@ class DoctorReport:
     layers: list[LayerAdvice] = field(default_factory=list)
     artifact: dict[str, Any] | None = None
     warnings: list[str] = field(default_factory=list)
+    backends: list[dict[str, str]] = field(default_factory=list)  # PyTorch kernels here (backend_table)
+    torch_kernels: dict[str, int] = field(default_factory=dict)  # target's layers per PyTorch backend
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "cpu": asdict(self.cpu) | {"int8_saturates": self.cpu.int8_saturates},
             "runtimes": dict(self.runtimes),
+            "backends": list(self.backends),
+            "torch_kernels": dict(self.torch_kernels),
             "target": self.target,
             "recipe": self.recipe,
             "layers": [asdict(x) for x in self.layers],
@@ -117,7 +121,7 @@ class DoctorReport:
 
     def to_text(self) -> str:
         c = self.cpu
-        feats = [n for n in ("avx2", "avx512", "vnni", "amx", "neon", "dotprod") if getattr(c, n)]
+        feats = [n for n in ("avx2", "avx512", "vnni", "bf16", "amx", "neon", "dotprod") if getattr(c, n)]
         lines = [
             f"CPU: {c.model} ({c.arch}), {c.cores} usable cores; features: {', '.join(feats) or 'none'}",
             "int8 GEMM: " + (
@@ -127,6 +131,12 @@ class DoctorReport:
             ),
             "runtimes: " + ", ".join(f"{k} {v}" for k, v in self.runtimes.items()),
         ]  # fmt: skip
+        if self.backends:
+            lines.append("PyTorch kernels on this machine (lowbit.backends; the reference path otherwise):")
+            width = max(len(b["name"]) for b in self.backends)
+            for b in self.backends:
+                state = "available" if b["available"] == "yes" else f"unavailable: {b['available']}"
+                lines.append(f"  {b['name']:<{width}}  {b['kind']:<6}  {state}; {b['numerics']}")
         if self.target:
             lines.append(f"target: {self.target}" + (f" with recipe {self.recipe}" if self.recipe else ""))
         if self.layers:
@@ -137,6 +147,9 @@ class DoctorReport:
             lines.append("kernels per layer:")
             lines += [f"  {n:4d} x {k}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1])]
             lines += [f"  float: {x.name}: {x.note}" for x in self.layers if x.precision == "float"][:20]
+        if self.torch_kernels:
+            lines.append("PyTorch kernels per layer (measured on this machine):")
+            lines += [f"  {n:4d} x {k}" for k, n in sorted(self.torch_kernels.items(), key=lambda kv: -kv[1])]
         art = self.artifact or {}
         if "manifest" in art:
             m = art["manifest"]
@@ -306,8 +319,10 @@ def doctor(target: str | None = None, recipe: str | Any = "int8-dynamic") -> Doc
     >>> doctor("digits-mlp", "nf4").warnings[0].startswith("2 of 2")  # doctest: +SKIP
     True
     """
+    from lowbit.backends.choose import backend_table
+
     cpu = cpu_features()
-    report = DoctorReport(cpu=cpu, runtimes=_runtimes(), target=target)
+    report = DoctorReport(cpu=cpu, runtimes=_runtimes(), target=target, backends=backend_table(cpu))
     if target is None:
         return report
     path = Path(target).expanduser()
@@ -347,13 +362,14 @@ def doctor(target: str | None = None, recipe: str | Any = "int8-dynamic") -> Doc
                 "float (typically a layer with no quantized consumer, such as the last classifier)"
             )
     elif not report.layers:
-        report.recipe, report.layers = _plan_kernels(target, recipe)
+        report.recipe, report.layers, report.torch_kernels = _plan_kernels(target, recipe)
     report.warnings += _advise(report.layers, cpu)
     return report
 
 
-def _plan_kernels(target: str, recipe: Any) -> tuple[str, list[LayerAdvice]]:
-    """Kernels a model would get with ``recipe``, without calibrating (RTN weights, no data)."""
+def _plan_kernels(target: str, recipe: Any) -> tuple[str, list[LayerAdvice], dict[str, int]]:
+    """Kernels a model would get with ``recipe``, without calibrating (RTN weights, no data): ONNX
+    Runtime's per layer, and PyTorch's per layer when the recipe needs no calibration."""
     import dataclasses
 
     import lowbit
@@ -373,7 +389,12 @@ def _plan_kernels(target: str, recipe: Any) -> tuple[str, list[LayerAdvice]]:
         ),
     )
     prepared = lowbit.prepare(zm.model, fast)  # observers only: no calibration needed to read kernels
-    return r.name, layer_kernels(prepared)
+    torch_kernels: dict[str, int] = {}
+    if not fast.needs_calibration and fast.embeddings_and_head == "recipe":
+        quantized = lowbit.quantize(zm.model, fast, progress=False)
+        for choice in quantized.lowbit_kernels:
+            torch_kernels[choice.backend] = torch_kernels.get(choice.backend, 0) + 1
+    return r.name, layer_kernels(prepared), torch_kernels
 
 
 __all__ = [

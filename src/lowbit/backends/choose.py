@@ -228,7 +228,8 @@ def use_kernels(model: nn.Module, policy: str = "auto") -> list[KernelChoice]:
     for name, layer in layers:
         layer.set_kernel(None)
         if policy == "reference" or not hasattr(layer, "qweight"):
-            choices.append(KernelChoice(name, layer.kind, "reference", "" if policy == "reference" else "no kernel"))
+            why = "" if policy == "reference" else "no kernel for this layer kind"
+            choices.append(KernelChoice(name, layer.kind, "reference", why))
             continue
         if forced is not None:
             why = forced.reason_not(layer, cpu)
@@ -245,6 +246,26 @@ def use_kernels(model: nn.Module, policy: str = "auto") -> list[KernelChoice]:
             pass  # a read-only cache only costs re-measuring next time
     model.lowbit_kernels = choices
     return choices
+
+
+def backend_table(cpu: CpuFeatures | None = None) -> list[dict[str, str]]:
+    """Every registered backend: kind, whether it runs on ``cpu`` (``yes`` or why not), numerics.
+
+    >>> rows = backend_table()
+    >>> sorted(rows[0])
+    ['available', 'description', 'kind', 'name', 'numerics']
+    """
+    cpu = cpu or cpu_features()
+    return [
+        {
+            "name": b.name,
+            "kind": b.kind,
+            "available": b.unavailable(cpu) or "yes",
+            "numerics": b.numerics,
+            "description": b.description,
+        }
+        for b in BACKENDS
+    ]
 
 
 def kernel_summary(choices: list[KernelChoice]) -> str:

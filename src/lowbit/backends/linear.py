@@ -187,9 +187,8 @@ class FbgemmDynamicKernel(Kernel):
         scale = _per_channel_scale(qw)
         with warnings.catch_warnings():  # quantized tensors are deprecated; the kernels are not gone
             warnings.simplefilter("ignore")
-            wq = torch.quantize_per_channel(
-                codes * scale[:, None], scale.double(), torch.zeros(qw.shape[0], dtype=torch.long), 0, torch.qint8
-            )
+            zeros = torch.zeros(qw.shape[0], dtype=torch.long)
+            wq = torch.quantize_per_channel(codes * scale[:, None], scale.double(), zeros, 0, torch.qint8)
             self.packed = torch.ops.quantized.linear_prepack(wq, None)
         # Without VNNI, u8 x s8 pairs saturate 16-bit sums: keep activations to 7 bits there.
         from lowbit.doctor import cpu_features

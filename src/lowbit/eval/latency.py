@@ -33,7 +33,7 @@ from lowbit.zoo.base import call_model
 FLOAT_BACKEND = "pytorch-float32"
 REFERENCE_BACKEND = "pytorch-reference (dequantize+float)"
 # Backend attribute of a quantized layer -> what users see. Backends not listed are shown as
-# "pytorch-<name>"; anything other than "reference" counts as a real kernel.
+# "pytorch (<name>)"; anything other than "reference" counts as a real kernel (lowbit.backends).
 BACKEND_LABELS = {"reference": REFERENCE_BACKEND}
 # Relative interquartile range above which a timing is flagged as noisy in reports.
 NOISY_SPREAD = 0.25
@@ -48,7 +48,7 @@ def backend_of(model: nn.Module) -> str:
     backends = sorted({m.backend for m in model.modules() if isinstance(m, QuantizedModule)})
     if not backends:
         return FLOAT_BACKEND
-    return " + ".join(BACKEND_LABELS.get(b, f"pytorch-{b}") for b in backends)
+    return " + ".join(BACKEND_LABELS.get(b, f"pytorch ({b})") for b in backends)
 
 
 def is_real_kernel(backend: str) -> bool:
