@@ -104,13 +104,17 @@ def _shape_key(backend: Backend, layer: Any) -> str:
 
 
 def _median_ms(fn: Any, x: torch.Tensor) -> float:
+    # CUDA launches are asynchronous: wait for each call, or the timing is the launch alone.
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     with torch.inference_mode():
         for _ in range(2):
             fn(x)
         times = []
         for _ in range(PROBE_REPEATS):
+            sync()
             start = time.perf_counter()
             fn(x)
+            sync()
             times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e3
 

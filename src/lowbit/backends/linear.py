@@ -266,6 +266,8 @@ def _int8pack_unsupported(layer: Any) -> str | None:
     reason = _weight_only(layer) or _symmetric_int_per_channel(layer)
     if reason:
         return reason
+    if layer.qweight.packed.device.type != "cpu":
+        return "CPU only"
     if layer.qweight.shape[1] % 16:  # the kernel reads K in blocks of 16 (other K crash or go wrong)
         return f"needs in_features divisible by 16 (has {layer.qweight.shape[1]})"
     return None

@@ -184,7 +184,8 @@ def convert(model: nn.Module) -> nn.Module:
 
     Layers become ``QuantizedLinear`` / ``QuantizedConv`` / ``QuantizedEmbedding`` / ``QuantizedRNN``
     with the codes and scales the fake-quantizers used, and static input ranges frozen. Returned in
-    eval mode, with ``lowbit_recipe`` set, ready for ``lowbit.save``.
+    eval mode, with ``lowbit_recipe`` set, ready for ``lowbit.save``; each layer runs the fastest
+    accurate kernel of this machine (``lowbit.backends.use_kernels``, choices in ``lowbit_kernels``).
     """
     layers = qat_layers(model)
     if not layers:
@@ -216,4 +217,7 @@ def convert(model: nn.Module) -> nn.Module:
     for attr in ("lowbit_qat_lsq",):
         if hasattr(qmodel, attr):
             delattr(qmodel, attr)
+    from lowbit.backends import use_kernels  # the backends import the layers built here
+
+    use_kernels(qmodel)
     return qmodel.eval()
