@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import lowbit
+import lowbit.backends
 from lowbit.ptq.plan import custom_forward
 
 
@@ -176,6 +177,9 @@ def test_qat_trains_and_converts_hf_conv1d():
     q = lowbit.qat.convert(m)
     assert type(q[0]).__name__ == "QuantizedLinear" and q[0].weight.shape == (8, 16)
     with torch.no_grad():
-        assert torch.equal(q(x), m.eval()(x))
-        cos = nn.functional.cosine_similarity(q(x).flatten(), model(x).flatten(), dim=0)
+        fast = q(x)  # on the kernels chosen for this machine
+        cos = nn.functional.cosine_similarity(fast.flatten(), model(x).flatten(), dim=0)
+        lowbit.backends.use_kernels(q, "reference")
+        assert torch.equal(q(x), m.eval()(x))  # the reference path is the QAT simulation, bit for bit
+        assert float((fast - q(x)).norm() / q(x).norm()) < 0.03
     assert cos > 0.99
