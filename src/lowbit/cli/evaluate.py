@@ -75,6 +75,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.model == "decode":
+        return _bench_decode(args)
     bench = _optional("lowbit.benchmark", "bench", "bench")
     recipes = [r for r in (args.recipes or "").split(",") if r]
     for r in recipes:
@@ -82,3 +84,31 @@ def cmd_bench(args: argparse.Namespace) -> int:
     options = {"recipes": recipes or None, "repeats": args.repeats, "threads": args.threads, "out": args.out}
     options = {k: v for k, v in options.items() if v is not None}
     return _show_result(args, _call_with_supported(bench, args.model, **options))
+
+
+def _bench_decode(args: argparse.Namespace) -> int:
+    """``lowbit bench decode``: markdown on stdout, ``--out DIR`` also writes decode.md / decode.json."""
+    import json
+    from pathlib import Path
+
+    from lowbit.decode_bench import VARIANTS, DecodeConfig, run
+
+    variants = tuple(v.strip() for v in args.variants.split(",")) if args.variants else VARIANTS
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown decode variant(s) {unknown}; known: {', '.join(VARIANTS)}")
+    cfg = DecodeConfig(
+        hidden=args.hidden, layers=args.layers, ffn=args.ffn, vocab=args.vocab, heads=args.heads,
+        prompt=args.prompt, new_tokens=args.new_tokens,
+        batches=tuple(int(b) for b in args.batch.split(",")), threads=args.threads,
+        repeats=args.repeats or 3, variants=variants,
+    )  # fmt: skip
+    report = run(cfg)
+    text = report.to_markdown()
+    print(text)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "decode.md").write_text(text)
+        (out / "decode.json").write_text(json.dumps(report.to_dict(), indent=2))
+    return 0

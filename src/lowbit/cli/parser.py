@@ -169,12 +169,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", nargs="?", default=None, help="optional MODEL, artifact directory or .onnx file")
     p.add_argument("--recipe", help="recipe to check MODEL against (default: the doctor's choice)")
 
-    p = verb("bench", cmd_bench, "latency benchmark against the float model", "lowbit bench minilm")
-    p.add_argument("model", metavar="MODEL")
+    p = verb(
+        "bench", cmd_bench, "latency benchmark against the float model (MODEL 'decode': LLM tokens/s)",
+        "lowbit bench minilm; lowbit bench decode --batch 1,8",
+    )  # fmt: skip
+    p.add_argument("model", metavar="MODEL", help="a model, or 'decode' (a Llama-style decode benchmark)")
     p.add_argument("--recipes", help="comma-separated recipes to benchmark")
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=None, help="where to write results")
+    decode = p.add_argument_group("decode (lowbit bench decode)")
+    decode.add_argument("--hidden", type=int, default=1024)
+    decode.add_argument("--layers", type=int, default=8)
+    decode.add_argument("--ffn", type=int, default=2816)
+    decode.add_argument("--vocab", type=int, default=32000)
+    decode.add_argument("--heads", type=int, default=16)
+    decode.add_argument("--prompt", type=int, default=32, help="prompt tokens")
+    decode.add_argument("--new-tokens", type=int, default=32)
+    decode.add_argument("--batch", default="1,8", help="comma-separated batch sizes")
+    decode.add_argument("--variants", default=None, help="comma-separated: fp32, bf16, lowbit int8, ...")
 
     p = verb(
         "sensitivity",
