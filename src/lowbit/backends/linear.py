@@ -251,9 +251,9 @@ class Int8PackKernel(Kernel):
         self.scale = _per_channel_scale(qw).to(torch.bfloat16)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        flat, lead = _flat(x.to(torch.bfloat16))
-        y = torch._weight_int8pack_mm(flat.contiguous(), self.codes, self.scale)
-        return y.reshape(*lead, -1).to(x.dtype)
+        # reshape + cast always yield a contiguous bf16 matrix, as the kernel wants
+        y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).to(torch.bfloat16), self.codes, self.scale)
+        return y.view(*x.shape[:-1], y.shape[-1]).to(x.dtype)
 
 
 def _bf16_unavailable(cpu: CpuFeatures) -> str | None:
@@ -312,9 +312,9 @@ class Int4PackKernel(Kernel):
         self.group = group
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        flat, lead = _flat(x.to(torch.bfloat16))
-        y = torch._weight_int4pack_mm_for_cpu(flat.contiguous(), self.packed, self.group, self.scale_zero)
-        return y.reshape(*lead, -1).to(x.dtype)
+        flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)  # contiguous, as the kernel wants
+        y = torch._weight_int4pack_mm_for_cpu(flat, self.packed, self.group, self.scale_zero)
+        return y.view(*x.shape[:-1], y.shape[-1]).to(x.dtype)
 
 
 def _group_size(qw: Any) -> int:

@@ -61,20 +61,27 @@ class QuantizedModule(nn.Module):
         """Run ``kernel`` (a ``lowbit.backends.Kernel``) instead of the reference path; ``None``
         goes back to the reference path."""
         self._kernel = kernel
+        # Looked up once: ``nn.Module`` attribute lookups cost microseconds a call, which adds up
+        # over the ~60 layers of one decode step. Replacing a layer's bias or smoothing buffer needs
+        # ``set_kernel`` again (``load_state_dict`` copies in place, and drops the kernel anyway).
+        self._kernel_extras = (
+            None if kernel is None else kernel.device,
+            getattr(self, "input_smooth", None),
+            getattr(self, "bias", None),
+        )
 
     def run_kernel(self, x: torch.Tensor) -> torch.Tensor | None:
         """The kernel's output (bias added) for ``x``, or ``None`` when the reference path must run:
         no kernel, another device, a non-float input, or autograd recording (kernels have no backward)."""
         kernel = self._kernel
-        if kernel is None or x.device != kernel.device or not x.is_floating_point():
+        if kernel is None:
             return None
-        if torch.is_grad_enabled() and x.requires_grad:
+        device, smooth, bias = self._kernel_extras
+        if x.device != device or not x.is_floating_point() or (x.requires_grad and torch.is_grad_enabled()):
             return None
-        smooth = getattr(self, "input_smooth", None)
         if smooth is not None:
             x = x / self._broadcast_smooth(smooth, x)
         y = kernel(x)
-        bias = getattr(self, "bias", None)
         return y if bias is None else y + bias.to(y.dtype)
 
     def adopt(self, module: nn.Module) -> QuantizedModule:
