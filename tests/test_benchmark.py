@@ -37,7 +37,14 @@ def test_bench_digits_rows_and_markdown(tmp_path):
     assert "| variant | batch |" in md and "vs ORT fp32" in md
     json.dumps(report.to_dict())
     custom = bench("digits-mlp", batch_sizes=(2,), repeats=1, kernels=False, threads=1, recipes=["fp16"])
-    assert [r.name for r in custom.rows][-1] == "lowbit (fp16)"
+    custom_names = [r.name for r in custom.rows]
+    assert "lowbit (fp16)" in custom_names and "lowbit (fp16), PyTorch" in custom_names
+    from lowbit.eval.openvino import OpenVinoModel
+
+    if OpenVinoModel.available():  # OpenVINO runs the same ONNX files, or says why it cannot
+        assert "OpenVINO fp32" in custom_names
+    else:
+        assert any("OpenVINO" in n for n in custom.notes)
 
 
 def test_kernel_table_limits():

@@ -200,6 +200,7 @@ class _Variant:
     call: Callable[[Any], Any]
     size_bytes: int | None
     note: str = ""
+    path: Path | None = None  # the ONNX file, for rows that run one
 
 
 def _slice(batch: Any, n: int) -> Any:
@@ -234,8 +235,41 @@ def _ort_variant(name: str, path: Path, threads: int, note: str = "") -> _Varian
     m = OrtModel(path, threads=threads, spin=False)
     return _Variant(
         name, m.backend, lambda b: m(b) if isinstance(b, dict) else m(b), m.feeds, m.run_feeds,
-        path.stat().st_size, note,
+        path.stat().st_size, note, path,
     )  # fmt: skip
+
+
+def _openvino_variant(name: str, path: Path, threads: int, example: Any) -> _Variant:
+    """The same ONNX file in OpenVINO (f32 precision), fed through ORT's input conversion."""
+    from lowbit.eval.openvino import OpenVinoModel
+    from lowbit.runtime import OrtModel
+
+    feeder = OrtModel(path, threads=1, spin=False)
+    ov = OpenVinoModel(path, threads)
+    ov.check(feeder.feeds(example))
+
+    def run(batch: Any) -> torch.Tensor:
+        return torch.from_numpy(ov.run_feeds(feeder.feeds(batch))[0])
+
+    return _Variant(name, ov.backend, run, feeder.feeds, ov.run_feeds, path.stat().st_size)
+
+
+def _add_openvino(variants: list[_Variant], notes: list[str], threads: int, example: Any) -> None:
+    """OpenVINO rows beside every ONNX Runtime row, when OpenVINO is installed."""
+    from lowbit.eval.openvino import OpenVinoModel
+
+    if not OpenVinoModel.available():
+        notes.append("OpenVINO rows: not installed (pip install openvino)")
+        return
+    for v in [v for v in variants if v.backend == "onnxruntime-cpu" and v.path is not None]:
+        if "quantize_dynamic" in v.name:
+            continue  # ORT's own tool's graph: compared in ORT only
+        name = "OpenVINO " + v.name.removeprefix("ORT ")
+        try:
+            variants.append(_openvino_variant(name, v.path, threads, example))
+        except Exception as err:  # OpenVINO refusing a graph (contrib ops) is a finding, not a crash
+            last = (str(err).strip().splitlines() or [type(err).__name__])[-1][:160]
+            notes.append(f"{name}: OpenVINO cannot run this graph ({last})")
 
 
 def _param_bytes(model: nn.Module) -> int:
@@ -295,6 +329,7 @@ def _build_variants(
         report = export_onnx(q, path, example)
         fallback = f"; {len(report.fallbacks)} layer(s) float" if report.fallbacks else ""
         variants.append(_ort_variant(f"{label} ({name})", path, threads, note=fallback.lstrip("; ")))
+    _add_openvino(variants, notes, threads, example)
     return variants, notes
 
 
