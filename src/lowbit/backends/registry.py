@@ -3,18 +3,19 @@ implicit: it runs whatever no backend takes).
 
 >>> [b.name for b in BACKENDS][:2]
 ['torch-int-mm', 'fbgemm-dynamic']
->>> by_name("nope")
+>>> by_name("nope")  # doctest: +ELLIPSIS
 Traceback (most recent call last):
 ...
-ValueError: unknown backend 'nope'; known: torch-int-mm, fbgemm-dynamic, torch-int8pack-bf16, torch-int4pack-bf16
+ValueError: unknown backend 'nope'; known: torch-int-mm, fbgemm-dynamic, ..., onednn-qconv
 """
 
 from __future__ import annotations
 
 from lowbit.backends.base import Backend
+from lowbit.backends.conv import CONV_BACKENDS
 from lowbit.backends.linear import LINEAR_BACKENDS
 
-BACKENDS: tuple[Backend, ...] = (*LINEAR_BACKENDS,)
+BACKENDS: tuple[Backend, ...] = (*LINEAR_BACKENDS, *CONV_BACKENDS)
 
 
 def by_name(name: str) -> Backend:
