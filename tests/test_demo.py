@@ -84,3 +84,26 @@ def test_other_modules_can_add_rows(monkeypatch):
     monkeypatch.setitem(sys.modules, "lowbit_fake_rows", fake)
     monkeypatch.setattr(demo, "ROW_PROVIDERS", ("lowbit_fake_rows", "lowbit.no_such_module"))
     assert [t.name for t in demo.extra_techniques()] == ["qat-4bit"]
+
+
+def test_speed_note_says_when_the_model_is_too_small():
+    from types import SimpleNamespace as NS
+
+    def rec(name, float_ms, quant_ms, real=True, ort=None):
+        lat = NS(float_ms=float_ms, quant_ms=quant_ms, speedup=float_ms / quant_ms if real else None)
+        return NS(name=name, latency=lat, ort=ort, recipe=name, drop=None, reload_identical=True)
+
+    small = [rec("float", 0.5, 0.5, real=False), rec("int8-static", 0.5, 0.8)]
+    note = demo.speed_note(small)
+    assert note is not None and "too small" in note and "0.50 ms" in note and "int8-static" in note
+    assert "PyTorch" in note and "ONNX" not in note
+    assert note in demo.check_records(small)
+    assert demo.speed_note([rec("int8-static", 0.5, 0.4)]) is None  # it did get faster
+    assert demo.speed_note([rec("int8-static", 40.0, 50.0)]) is None  # slow, but not small
+    assert demo.speed_note([rec("int8-static", 0.5, 0.8, real=False)]) is None  # reference only
+    # ORT alone too small: PyTorch got faster, ORT's integer export did not (a float export is ignored).
+    ort_slow = {"float_ms": 0.7, "quant_ms": 1.7, "speedup": 0.41, "kernels": {"QDQ": 5}}
+    ort_float = {"float_ms": 0.7, "quant_ms": 0.5, "speedup": 1.4, "kernels": {"float": 2}}
+    rows = [rec("int8-static", 1.5, 1.2, ort=ort_slow), rec("nf4", 1.5, 2.0, real=False, ort=ort_float)]
+    note = demo.speed_note(rows)
+    assert note is not None and "(ONNX Runtime: float 0.70 ms" in note and "0.41x" in note

@@ -80,9 +80,13 @@ def test_onnx_export_of_each_net_matches(setup, tmp_path):
     for net in ("pnet", "rnet", "onet"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            # The export is checked against the reference path: integer conv kernels sum exactly
+            # where the float reference rounds, so chained layers may flip a rounding tie (O-Net
+            # on onednn-qconv: cosine 0.99998 vs the reference).
             q = lowbit.quantize(
-                getattr(detector, net), "int8-static", calibration=inputs[net], progress=False
-            )
+                getattr(detector, net), "int8-static", calibration=inputs[net], progress=False,
+                kernels="reference",
+            )  # fmt: skip
         x = inputs[net][0][:8]
         lowbit.export_onnx(q, tmp_path / f"{net}.onnx", x)
         session = ort.InferenceSession(str(tmp_path / f"{net}.onnx"))

@@ -43,6 +43,7 @@ def quantize(
     progress: bool = True,
     cache_bytes: int | None = None,
     kernels: str = "auto",
+    fold_bn: bool | None = None,
 ) -> nn.Module:
     """Quantize ``model`` as ``recipe`` (a preset name, a YAML path, a dict or a ``Recipe``) says.
 
@@ -61,6 +62,12 @@ def quantize(
     the choices are ``result.lowbit_kernels``), ``"reference"`` (dequantize + float op, the exact
     simulation) or a backend name.
 
+    ``fold_bn`` folds every BatchNorm that directly follows a conv into it before the weights are
+    quantized (``lowbit.ptq.fold``; found from the model's structure, checked on the first
+    calibration batch). ``None`` (default): only for recipes with static activations, where an
+    unfolded BatchNorm blocks the integer conv fusions (ONNX ``QLinearConv``). What was folded
+    is ``result.lowbit_folded`` and recorded in the artifact; ``lowbit.load`` folds the same.
+
     With calibration data (and not ``inplace``), every quantized layer and the model's output are
     then compared with the float model on the first batches (``lowbit.ptq.fidelity``): the result
     is ``result.lowbit_fidelity``, and a warning names the layers whose own output falls below
@@ -75,6 +82,13 @@ def quantize(
     recipe = resolve(recipe)
     if calibration is not None and not isinstance(calibration, (list, tuple)):
         calibration = list(calibration)  # it may be read twice (weight algorithm, then activations)
+    folded: dict[str, str] = {}
+    if fold_bn or (fold_bn is None and recipe.needs_calibration):
+        from lowbit.ptq.fold import fold_batchnorm
+
+        example = calibration[0] if calibration else None
+        # Not inplace: ``model`` becomes a folded copy, the float reference fidelity compares with.
+        model, folded = fold_batchnorm(model, example, inplace=inplace)
     plan = None
     measured = recipe.activation_plan == "measured" and bool(calibration)
     if measured:  # the measurement runs the model: the same checks as calibration, done once
@@ -122,6 +136,8 @@ def quantize(
         qmodel.lowbit_calibration = result
     if plan is not None:
         qmodel.lowbit_activation_plan = plan
+    if folded:
+        qmodel.lowbit_folded = folded
     use_kernels(qmodel, kernels)
     if calibration and qmodel is not model:
         fidelity = measure_fidelity(model, qmodel, list(calibration)[:CHECK_BATCHES])

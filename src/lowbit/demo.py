@@ -46,6 +46,10 @@ TECHNIQUES: list[Technique] = [FLOAT] + [recipe_technique(p) for p in PRESETS]
 ROW_PROVIDERS = ("lowbit.qat", "lowbit.pruning")
 # int8 static must stay this close to float on digits-cnn (accuracy points); checked and printed.
 INT8_STATIC_BUDGET = 0.5
+# Below this float latency per batch, integer kernels' fixed costs per layer (quantizing each
+# input, layout changes, a call per layer) outweigh the cheaper int8 arithmetic: on the machine
+# of bench/cnn_speed.py a 3x3 conv at 56x56x64 ran ~3x faster in int8, one at 8x8 slower.
+SMALL_MODEL_MS = 2.0
 
 
 def extra_techniques() -> list[Technique]:
@@ -142,6 +146,9 @@ def check_records(records: list[EvalRecord]) -> list[str]:
             f"check: int8 static loses {static.drop:.2f} accuracy points "
             f"({'within' if ok else 'OVER'} the {INT8_STATIC_BUDGET} point budget)"
         )
+    small = speed_note(records)
+    if small:
+        lines.append(small)
     bad = [r.name for r in records if r.reload_identical is False]
     lines.append(
         "check: every artifact reloads to bit-identical outputs"
@@ -149,3 +156,55 @@ def check_records(records: list[EvalRecord]) -> list[str]:
         else f"check: FAILED reload for {', '.join(bad)}"
     )
     return lines
+
+
+# ONNX kernels that do integer arithmetic (the others store low-bit weights but compute in float).
+INTEGER_ORT_KERNELS = ("QDQ", "QLinearConv", "ConvInteger", "MatMulInteger", "MatMulIntegerToFloat",
+                       "DynamicQuantizeMatMul")  # fmt: skip
+
+
+def _timings(records: list[EvalRecord]) -> dict[str, tuple[float, list[tuple[float, str]]]]:
+    """Per runtime: the median float ms, and (speed-up, row) of every row run on integer kernels."""
+    out: dict[str, tuple[float, list[tuple[float, str]]]] = {}
+    lat = [r for r in records if getattr(r, "latency", None) is not None]
+    if lat:
+        fast = [(r.latency.speedup, r.name) for r in lat if r.latency.speedup is not None]
+        out["PyTorch"] = (sorted(r.latency.float_ms for r in lat)[len(lat) // 2], fast)
+    ort = [r.ort for r in records if getattr(r, "ort", None) and "error" not in r.ort]
+    if ort:
+        fast = [
+            (o["speedup"], r.name)
+            for r, o in ((r, r.ort) for r in records if getattr(r, "ort", None) and "error" not in r.ort)
+            if o.get("speedup") is not None and set(o.get("kernels", {})) & set(INTEGER_ORT_KERNELS)
+        ]
+        out["ONNX Runtime"] = (sorted(o["float_ms"] for o in ort)[len(ort) // 2], fast)
+    return out
+
+
+def speed_note(records: list[EvalRecord]) -> str | None:
+    """A note when the model is too small for integer kernels to win (``None`` otherwise): in a
+    runtime where float takes under ``SMALL_MODEL_MS`` per batch and no row on integer kernels
+    ran faster than float.
+
+    >>> from types import SimpleNamespace as NS
+    >>> lat = NS(float_ms=0.4, quant_ms=0.6, speedup=0.67)
+    >>> speed_note([NS(name="int8-static", latency=lat, ort=None)])[:66]
+    'note: model too small for a speed-up (PyTorch: float 0.40 ms per b'
+    """
+    slow = []
+    for runtime, (float_ms, fast) in _timings(records).items():
+        if not fast or float_ms >= SMALL_MODEL_MS:
+            continue
+        best, name = max(fast)
+        if best <= 1.0:
+            slow.append((runtime, float_ms, best, name))
+    if not slow:
+        return None
+    figures = "; ".join(
+        f"{rt}: float {ms:.2f} ms per batch, best integer row {n} {b:.2f}x" for rt, ms, b, n in slow
+    )
+    return (
+        f"note: model too small for a speed-up ({figures}). Below ~{SMALL_MODEL_MS:g} ms the "
+        "per-layer cost of quantizing inputs and calling integer kernels outweighs the cheaper int8 "
+        "math (a ResNet-18 at 224x224 does get faster: bench/cnn_speed.py)."
+    )

@@ -35,6 +35,8 @@ from lowbit.backends.registry import BACKENDS, by_name
 from lowbit.doctor import CpuFeatures, cpu_features
 
 PROBE_BATCHES = (1, 32)  # rows of the micro-benchmark: decode (1 token) and a batch
+CONV_PROBE_BATCHES = (1, 8)  # images: one, and a small batch (whole feature maps are large)
+CONV_PROBE_SIZE = 32  # spatial size per dim for a conv that never saw an input (e.g. just loaded)
 PROBE_REPEATS = 7
 CACHE_VERSION = 1
 POLICIES = ("auto", "reference")
@@ -48,7 +50,7 @@ class KernelChoice:
     kind: str
     backend: str
     reason: str = ""  # why not faster (no candidate, slower than reference, too inaccurate)
-    timings_ms: dict[str, list[float]] = field(default_factory=dict)  # backend -> ms at PROBE_BATCHES
+    timings_ms: dict[str, list[float]] = field(default_factory=dict)  # backend -> ms per probe batch
     errors: dict[str, float] = field(default_factory=dict)  # backend -> relative error vs reference
 
     def to_dict(self) -> dict[str, Any]:
@@ -100,7 +102,26 @@ def _shape_key(backend: Backend, layer: Any) -> str:
     qw = layer.qweight
     aq = layer.input_quant
     act = "none" if aq is None else f"{aq.spec.mode}-{aq.granularity}"
-    return f"{backend.name}|{qw.fmt.name}|{qw.granularity}|{'x'.join(map(str, qw.shape))}|{act}"
+    key = f"{backend.name}|{qw.fmt.name}|{qw.granularity}|{'x'.join(map(str, qw.shape))}|{act}"
+    if layer.kind == "conv":  # a conv's cost depends on its geometry and input size too
+        c = layer.config
+        geometry = [c["kernel_size"], c["stride"], c["padding"], c["dilation"], c["groups"]]
+        key += f"|{json.dumps(geometry)}|{'x'.join(map(str, _probe_shape(layer, 1)[2:]))}"
+    return key
+
+
+def _probe_shape(layer: Any, rows: int) -> tuple[int, ...]:
+    """The input of the micro-benchmark: ``rows`` tokens for a linear layer; for a conv, ``rows``
+    images at the size it last ran at (calibration), else ``CONV_PROBE_SIZE`` per spatial dim."""
+    if layer.kind != "conv":
+        return (rows, layer.qweight.shape[1])
+    c = layer.config
+    size = getattr(layer, "last_input_size", None) or (CONV_PROBE_SIZE,) * len(c["kernel_size"])
+    return (rows, c["in_channels"], *size)
+
+
+def _probe_batches(layer: Any) -> tuple[int, ...]:
+    return CONV_PROBE_BATCHES if layer.kind == "conv" else PROBE_BATCHES
 
 
 def _median_ms(fn: Any, x: torch.Tensor) -> float:
@@ -120,18 +141,25 @@ def _median_ms(fn: Any, x: torch.Tensor) -> float:
 
 
 def _reference(layer: Any) -> Any:
-    """The layer's reference forward (kernel ignored), minus the bias: what kernels compute."""
+    """The layer's reference forward (kernel ignored), bias included."""
+    return layer.reference_forward
+
+
+def _with_bias(layer: Any, kernel: Any) -> Any:
+    """The kernel's output with the layer's bias, as ``run_kernel`` adds it (unless fused)."""
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        y = layer.reference_forward(x)
-        return y if layer.bias is None else y - layer.bias.to(y.dtype)
+        y = kernel(_smoothed(layer, x))
+        if layer.bias is None or getattr(kernel, "fuses_bias", False):
+            return y
+        return y + layer._broadcast_smooth(layer.bias, y)  # bias per channel, laid out as smoothing
 
     return run
 
 
 def _smoothed(layer: Any, x: torch.Tensor) -> torch.Tensor:
     smooth = getattr(layer, "input_smooth", None)
-    return x if smooth is None else x / smooth.to(x.dtype)
+    return x if smooth is None else x / layer._broadcast_smooth(smooth, x)
 
 
 def measure(backend: Backend, layer: Any) -> dict[str, Any]:
@@ -139,17 +167,21 @@ def measure(backend: Backend, layer: Any) -> dict[str, Any]:
     error against the reference on a random probe (one fresh kernel, freed afterwards)."""
     device = layer.qweight.packed.device
     kernel = backend.prepare(layer)  # type: ignore[misc]
-    in_features = layer.qweight.shape[1]
+    batches = _probe_batches(layer)
     generator = torch.Generator().manual_seed(0)
-    probe = torch.randn(PROBE_BATCHES[-1], in_features, generator=generator).to(device)
+    probe = torch.randn(_probe_shape(layer, batches[-1]), generator=generator).to(device)
+    fast = _with_bias(layer, kernel)
     with torch.inference_mode():
-        ref = _reference(layer)(probe)
-        got = kernel(_smoothed(layer, probe))
-        error = float((got.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12))
+        ref = _reference(layer)(probe).float()
+        got = fast(probe).float()
+        if layer.bias is not None:  # the error is measured on the product alone, bias excluded
+            bias = layer._broadcast_smooth(layer.bias.float(), ref)
+            ref, got = ref - bias, got - bias
+        error = float((got - ref).norm() / ref.norm().clamp_min(1e-12))
     times, ref_times = [], []
-    for rows in PROBE_BATCHES:
+    for rows in batches:
         x = probe[:rows].contiguous()
-        times.append(_median_ms(lambda t: kernel(_smoothed(layer, t)), x))
+        times.append(_median_ms(fast, x))
         ref_times.append(_median_ms(_reference(layer), x))
     return {"ms": times, "reference_ms": ref_times, "error": error if math.isfinite(error) else 1e9}
 

@@ -6,15 +6,16 @@ implicit: it runs whatever no backend takes).
 >>> by_name("nope")  # doctest: +ELLIPSIS
 Traceback (most recent call last):
 ...
-ValueError: unknown backend 'nope'; known: torch-int-mm, fbgemm-dynamic, ...
+ValueError: unknown backend 'nope'; known: torch-int-mm, fbgemm-dynamic, ..., onednn-qconv
 """
 
 from __future__ import annotations
 
 from lowbit.backends.base import Backend
+from lowbit.backends.conv import CONV_BACKENDS
 from lowbit.backends.linear import LINEAR_BACKENDS
 
-BACKENDS: tuple[Backend, ...] = (*LINEAR_BACKENDS,)
+BACKENDS: tuple[Backend, ...] = (*LINEAR_BACKENDS, *CONV_BACKENDS)
 
 
 def by_name(name: str) -> Backend:

@@ -105,6 +105,9 @@ def manifest_of(
     params = sum(m.weight_params for m in quantized.values())
     params += sum(t.numel() for k, t in tensors.items() if entries[k]["role"] == "float")
     recipe = getattr(model, "lowbit_recipe", None)
+    folded = getattr(model, "lowbit_folded", None)
+    # Written only when something was folded: other artifacts keep exactly their old bytes.
+    extra = {"folded_batchnorm": dict(sorted(folded.items()))} if folded else {}
     return {
         "lowbit_artifact": ARTIFACT_VERSION,
         "lowbit_version": lowbit.__version__,
@@ -114,6 +117,7 @@ def manifest_of(
         "layers": {name: m.manifest() for name, m in quantized.items()},
         "tensors": entries,
         "aliases": aliases,
+        **extra,
         "totals": {
             "parameters": params,
             "stored_bytes": stored,
@@ -207,6 +211,23 @@ def _rebuild_layer(model: nn.Module, name: str, entry: dict[str, Any]) -> None:
     set_submodule(model, name, qmodule)
 
 
+def _fold_like(model: nn.Module, manifest: dict[str, Any], directory: Any) -> None:
+    """Drop the BatchNorms the artifact folded into its convs (their effect is in the stored
+    weights and biases); the skeleton must have a BatchNorm (or an Identity) at each name."""
+    for bn_name in manifest.get("folded_batchnorm", {}):
+        try:
+            module = model.get_submodule(bn_name)
+        except AttributeError:
+            module = None
+        if not isinstance(module, nn.modules.batchnorm._BatchNorm | nn.Identity):
+            raise ArtifactError(
+                f"{directory}: the artifact folded BatchNorm {bn_name!r} into a conv, but the model has "
+                f"{type(module).__name__ if module is not None else 'nothing'} there: pass the same "
+                "architecture it was made from"
+            )
+        set_submodule(model, bn_name, nn.Identity())
+
+
 def load(
     directory: str | Path,
     model: nn.Module,
@@ -240,6 +261,7 @@ def load(
             "(or the device to load to): its layers are filled in place"
         )
     check_layers(model, manifest)
+    _fold_like(model, manifest, directory)
     for name, entry in manifest["layers"].items():
         _rebuild_layer(model, name, entry)
     check_state(model, manifest)  # before the tensor file is read: nothing larger than the model
@@ -248,6 +270,8 @@ def load(
     model.load_state_dict({k: v.to(device) for k, v in tensors.items()}, strict=True)
     if recipe is not None:
         model.lowbit_recipe = recipe
+    if manifest.get("folded_batchnorm"):
+        model.lowbit_folded = dict(manifest["folded_batchnorm"])
     from lowbit.backends import use_kernels  # the backends import the layers this module builds
 
     use_kernels(model, kernels)

@@ -161,6 +161,7 @@ class Manifest(_Strict):
     layers: dict[Name, LayerEntry] = Field(max_length=1 << 16)
     tensors: dict[Name, TensorEntry] = Field(max_length=1 << 18)
     aliases: dict[Name, Name] = Field(max_length=1 << 16)
+    folded_batchnorm: dict[Name, Name] = Field(default_factory=dict, max_length=1 << 16)  # bn -> conv
     totals: Totals
     file: FileEntry
     metrics: dict[Name, Any]

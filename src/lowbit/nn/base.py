@@ -82,7 +82,9 @@ class QuantizedModule(nn.Module):
         if smooth is not None:
             x = x / self._broadcast_smooth(smooth, x)
         y = kernel(x)
-        return y if bias is None else y + bias.to(y.dtype)
+        if bias is None or getattr(kernel, "fuses_bias", False):
+            return y
+        return y + bias.to(y.dtype)
 
     def adopt(self, module: nn.Module) -> QuantizedModule:
         """Copy ``module``'s public settings that this layer does not define itself; returns ``self``.

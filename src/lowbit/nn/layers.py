@@ -209,6 +209,15 @@ class QuantizedConv(QuantizedModule):
         return smooth.to(x.dtype).reshape(1, -1, *([1] * (x.dim() - 2)))  # channels are dim 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The input size is remembered (plain attribute, not stored) so that kernel choice can
+        # time this conv at the resolution it really runs at (calibration sets it).
+        if not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
+            self.last_input_size = tuple(int(d) for d in x.shape[2:])
+        fast = self.run_kernel(x)
+        return self.reference_forward(x) if fast is None else fast
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Dequantize the kernel, run ``F.conv1d`` / ``F.conv2d``: what every kernel is checked against."""
         x = self.quantize_input(x)
         c = self.config
         weight = self.qweight.dequantize(x.dtype).reshape(self.kernel_shape)
