@@ -17,6 +17,7 @@ beats the reference path; otherwise the layer keeps the reference path and says 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -57,15 +58,26 @@ class KernelChoice:
         return asdict(self)
 
 
+@functools.cache
+def _code_digest() -> str:
+    """Digest of the backends' own source: a changed kernel is measured again, not read from a
+    cache another lowbit version (or branch) wrote."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.rglob("*")):
+        if path.suffix in (".py", ".cpp", ".h") and path.is_file():
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def machine_key(cpu: CpuFeatures | None = None) -> str:
-    """What a cached timing depends on: CPU features, torch version, thread count.
+    """What a cached timing depends on: CPU features, torch version, thread count, kernel code.
 
     >>> len(machine_key()) == 16
     True
     """
     cpu = cpu or cpu_features()
-    text = json.dumps([asdict(cpu), torch.__version__, torch.get_num_threads()], sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    parts = [asdict(cpu), torch.__version__, torch.get_num_threads(), _code_digest()]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _cache_path() -> Path:
