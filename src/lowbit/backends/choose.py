@@ -275,6 +275,9 @@ def use_kernels(model: nn.Module, policy: str = "auto") -> list[KernelChoice]:
     cpu = cpu_features()
     for name, layer in layers:
         layer.set_kernel(None)
+        if layer.kind == "embedding":  # a packed row lookup already: nothing to choose
+            choices.append(KernelChoice(name, layer.kind, layer.backend, "lookups read packed rows"))
+            continue
         if policy == "reference" or not hasattr(layer, "qweight"):
             why = "" if policy == "reference" else "no kernel for this layer kind"
             choices.append(KernelChoice(name, layer.kind, "reference", why))

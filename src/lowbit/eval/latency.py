@@ -34,7 +34,8 @@ FLOAT_BACKEND = "pytorch-float32"
 REFERENCE_BACKEND = "pytorch-reference (dequantize+float)"
 # Backend attribute of a quantized layer -> what users see. Backends not listed are shown as
 # "pytorch (<name>)"; anything other than "reference" counts as a real kernel (lowbit.backends).
-BACKEND_LABELS = {"reference": REFERENCE_BACKEND}
+LOOKUP_BACKEND = "pytorch (packed row lookup)"
+BACKEND_LABELS = {"reference": REFERENCE_BACKEND, "packed-lookup": LOOKUP_BACKEND}
 # Relative interquartile range above which a timing is flagged as noisy in reports.
 NOISY_SPREAD = 0.25
 
@@ -52,12 +53,17 @@ def backend_of(model: nn.Module) -> str:
 
 
 def is_real_kernel(backend: str) -> bool:
-    """Whether a speed-up measured on ``backend`` may be reported (the reference path never is).
+    """Whether a speed-up measured on ``backend`` may be reported: at least one compute layer runs
+    a real kernel. Layers left on the reference path only slow a model down, so a model mixing
+    both is timed honestly; a model whose compute is all reference (or float) never gets one.
 
     >>> is_real_kernel(REFERENCE_BACKEND), is_real_kernel("onnxruntime (MatMulInteger)")
     (False, True)
+    >>> is_real_kernel(f"{LOOKUP_BACKEND} + {REFERENCE_BACKEND}")  # quantized embeddings alone
+    False
     """
-    return "reference" not in backend and backend != FLOAT_BACKEND
+    not_compute = (REFERENCE_BACKEND, FLOAT_BACKEND, LOOKUP_BACKEND)
+    return any(part not in not_compute and "reference" not in part for part in backend.split(" + "))
 
 
 @dataclass

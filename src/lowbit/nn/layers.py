@@ -238,6 +238,11 @@ class QuantizedEmbedding(QuantizedModule):
 
     kind = "embedding"
 
+    @property
+    def backend(self) -> str:
+        """Lookups read only the packed rows they need: no kernel to choose, nothing simulated."""
+        return "packed-lookup"
+
     def __init__(
         self, num_embeddings: int, embedding_dim: int, padding_idx: int | None, qweight: QuantizedWeight
     ):
