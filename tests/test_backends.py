@@ -149,7 +149,7 @@ def test_an_avx2_only_cpu_gets_what_is_fastest_there(monkeypatch):
     # AVX2 timings as measured on such a machine: u8 x s8 GEMMs slower than the float path for int-mm,
     # fbgemm's AVX2 kernel faster.
     def fake(backend, layer):
-        slow = {"torch-int-mm": [3.0, 9.0], "fbgemm-dynamic": [0.1, 0.3]}[backend.name]
+        slow = {"torch-int-mm": [3.0, 9.0], "fbgemm-dynamic": [0.1, 0.3]}.get(backend.name, [5.0, 9.0])
         return {"ms": slow, "reference_ms": [1.0, 2.0], "error": 0.0}
 
     monkeypatch.setattr(chooser, "measure", fake)
@@ -160,8 +160,9 @@ def test_an_avx2_only_cpu_gets_what_is_fastest_there(monkeypatch):
     assert [c.backend for c in q.lowbit_kernels] == ["reference"] * 2  # int-mm only, and slower there
     assert "not faster" in q.lowbit_kernels[0].reason
     q = lowbit.quantize(_mlp(), "int8-weight-only", progress=False)
-    assert [c.backend for c in q.lowbit_kernels] == ["reference"] * 2
-    assert "bfloat16" in q.lowbit_kernels[0].reason
+    assert [c.backend for c in q.lowbit_kernels] == ["reference"] * 2  # lowbit-q8-cpu slower there
+    reason = q.lowbit_kernels[0].reason  # bf16 kernels refused; lowbit's own (if built) measured slower
+    assert "bfloat16" in reason or "not faster" in reason
 
 
 def test_an_inaccurate_kernel_is_refused(monkeypatch):

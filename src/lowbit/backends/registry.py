@@ -14,8 +14,9 @@ from __future__ import annotations
 from lowbit.backends.base import Backend
 from lowbit.backends.conv import CONV_BACKENDS
 from lowbit.backends.linear import LINEAR_BACKENDS
+from lowbit.backends.qcpu import QCPU_BACKENDS
 
-BACKENDS: tuple[Backend, ...] = (*LINEAR_BACKENDS, *CONV_BACKENDS)
+BACKENDS: tuple[Backend, ...] = (*LINEAR_BACKENDS, *QCPU_BACKENDS, *CONV_BACKENDS)
 
 
 def by_name(name: str) -> Backend:

@@ -1,0 +1,265 @@
+"""lowbit's own CPU kernels for weight-only linears: int4 / int8 weights x int8 activations.
+
+==================  ===================================================  ================================
+backend             layers it runs                                       what differs from reference
+==================  ===================================================  ================================
+``lowbit-q4-cpu``   weight-only 4-bit integer weights, groups of         activations quantized to int8
+                    32/64/128/256 along K (zero points or symmetric)     per block of 64 (32 for groups
+                                                                         of 32), absmax / 127
+``lowbit-q8-cpu``   weight-only symmetric int8 per-channel weights,      the same activation rounding
+                    in_features a multiple of 32
+==================  ===================================================  ================================
+
+The C++ source (``csrc/lowbit_qcpu.cpp``) is compiled once per machine at first use with
+``torch.utils.cpp_extension`` into ``<lowbit cache>/ext/``, under a file lock; it picks AVX512-VNNI,
+AVX2 or plain C++ at run time. Where it cannot build (no compiler, a failed build) both backends
+say so through ``unavailable`` and the layer keeps another kernel or the reference path.
+
+The weight is repacked once per layer (``prepare``): per row, per block of A values along K,
+A / 2 bytes (byte j = code j | code j + A/2 << 4), codes shifted to 0..15 (``q - qmin``), plus one
+float32 scale and one float32 ``scale * zero`` per group. The zero point is folded per group:
+``sum (q - z) s x = s sum(q x) - s z sum(x)``; the second sum comes from the int8 activations.
+
+>>> import torch, lowbit
+>>> q = lowbit.quantize(torch.nn.Sequential(torch.nn.Linear(128, 32)), "int4-weight-only", progress=False)
+>>> layer = q[0]
+>>> Q4_CPU.unsupported(layer) is None
+True
+>>> if Q4_CPU.unavailable(None) is None:  # the extension built here
+...     x = torch.randn(3, 128); ref = layer.reference_forward(x) - layer.bias
+...     err = float((Q4_CPU.prepare(layer)(x) - ref).norm() / ref.norm())
+...     assert err < Q4_CPU.tolerance, err
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import time
+from functools import cache
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from lowbit import granularity as gran
+from lowbit.backends.base import Backend, Kernel
+from lowbit.backends.linear import (
+    _flat,
+    _group_size,
+    _per_channel_scale,
+    _symmetric_int_per_channel,
+    _weight_only,
+)
+
+SOURCE = Path(__file__).parent / "csrc" / "lowbit_qcpu.cpp"
+Q4_GROUPS = (32, 64, 128, 256)
+BUILD_SECONDS = 45  # what the first build took on a 2-core machine (the note users see says ~this)
+
+
+def _ext_dir() -> Path:
+    from lowbit.zoo.cache import cache_dir
+
+    return cache_dir() / "ext"
+
+
+def _ext_name() -> str:
+    """One name per (source, torch, python): a changed source or torch rebuilds, never reuses."""
+    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + sys.version.encode()).hexdigest()
+    return f"lowbit_qcpu_{key[:12]}"
+
+
+@cache
+def _build() -> tuple[ModuleType | None, str | None]:
+    """The compiled extension, or why it is not here (one line). Built at most once per process."""
+    if os.environ.get("LOWBIT_NO_EXT"):
+        return None, "disabled by LOWBIT_NO_EXT"
+    try:
+        from filelock import FileLock
+        from torch.utils import cpp_extension
+    except ImportError as err:  # pragma: no cover - both ship with lowbit's dependencies
+        return None, f"cannot build C++ extensions here ({err})"
+    name = _ext_name()
+    build_dir = _ext_dir() / name
+    try:
+        build_dir.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(build_dir) + ".lock"):
+            built = any(build_dir.glob(f"{name}*.so"))
+            if not built:
+                note = f"lowbit: building the int4/int8 CPU kernel (once, ~{BUILD_SECONDS} s)"
+                print(note, file=sys.stderr)
+            start = time.perf_counter()
+            module = cpp_extension.load(
+                name,
+                [str(SOURCE)],
+                extra_cflags=["-O3"],
+                build_directory=str(build_dir),
+                verbose=False,
+            )
+            if not built:
+                print(f"lowbit: built in {time.perf_counter() - start:.0f} s ({build_dir})", file=sys.stderr)
+    except Exception as err:  # noqa: BLE001 - any build failure makes the backend unavailable, not a crash
+        lines = [line for line in str(err).splitlines() if line.strip()]
+        last = lines[-1][:160] if lines else ""
+        return None, f"the C++ kernel did not build ({type(err).__name__}: {last})"
+    return module, None
+
+
+def extension() -> ModuleType:
+    """The compiled kernels (builds them on first use); ``RuntimeError`` says why when they cannot be.
+
+    >>> extension().isa() in ("avx512-vnni", "avx2", "scalar") if available() else True
+    True
+    """
+    module, why = _build()
+    if module is None:
+        raise RuntimeError(f"lowbit's CPU kernel is unavailable: {why}")
+    return module
+
+
+def available() -> bool:
+    """Whether the kernels built (or were already built) on this machine."""
+    return _build()[0] is not None
+
+
+def _unavailable(cpu: Any) -> str | None:
+    if cpu is not None and getattr(cpu, "arch", "x86_64") not in ("x86_64", "amd64"):
+        return f"x86-64 only for now (this CPU is {cpu.arch}: the plain C++ path would be slow)"
+    return _build()[1]
+
+
+def _cpu_only(layer: Any) -> str | None:
+    return None if layer.qweight.packed.device.type == "cpu" else "CPU only"
+
+
+# --- int4 ---------------------------------------------------------------------------------------
+
+
+def block_size(group: int) -> int:
+    """Activation block (values per int8 scale) the int4 kernel uses with weight groups of ``group``.
+
+    >>> block_size(64), block_size(32), block_size(128)
+    (64, 32, 64)
+    """
+    return 64 if group % 64 == 0 else 32
+
+
+def pack_q4(codes: torch.Tensor, block: int) -> torch.Tensor:
+    """Nibble layout the kernel reads: ``codes`` ``[N, K]`` in 0..15 -> ``[N, K // 2]`` uint8, per
+    block of ``block`` values byte j = code j | code (j + block / 2) << 4.
+
+    >>> pack_q4(torch.arange(4).reshape(1, 4) % 16, 4).tolist()
+    [[32, 49]]
+    """
+    n, k = codes.shape
+    c = codes.to(torch.uint8).reshape(n, k // block, 2, block // 2)
+    return (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+
+
+def q4_params(layer: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """(codes shifted to 0..15 ``[N, K]``, scale ``[N, K/G]``, scale * shifted zero ``[N, K/G]``, G):
+    ``weight = (codes - zero) * scale`` exactly as the layer dequantizes."""
+    qw = layer.qweight
+    n, k = qw.shape
+    group = _group_size(qw)
+    qmin = int(qw.fmt.qmin)
+    codes = qw.codes().reshape(n, k).to(torch.int32) - qmin
+    scale = qw.scale.float().reshape(n, k // group)
+    zp = getattr(qw, "zero_point", None)
+    zero = torch.zeros_like(scale) if zp is None else zp.to(torch.float32).reshape(n, k // group)
+    return codes, scale, (scale * (zero - qmin)).contiguous(), group
+
+
+class Q4Kernel(Kernel):
+    """int4 weights (packed once) x int8 activations quantized per block in the kernel."""
+
+    name = "lowbit-q4-cpu"
+
+    def __init__(self, layer: Any) -> None:
+        super().__init__(layer.qweight.packed.device)
+        codes, self.scale, self.scale_zero, self.group = q4_params(layer)
+        self.block = block_size(self.group)
+        self.packed = pack_q4(codes, self.block)
+        self.ext = extension()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        flat, lead = _flat(x.float().contiguous())
+        y = self.ext.q4_linear(flat, self.packed, self.scale, self.scale_zero, self.group, self.block)
+        return y.reshape(*lead, -1).to(x.dtype)
+
+
+def _q4_unsupported(layer: Any) -> str | None:
+    reason = _weight_only(layer)
+    if reason:
+        return reason
+    qw = layer.qweight
+    if qw.fmt.family != "int" or qw.fmt.bits != 4:
+        return f"needs 4-bit integer weights (has {qw.fmt.name})"
+    if len(qw.shape) != 2:
+        return "needs a 2-D weight"
+    n, k = qw.shape
+    group = _group_size(qw) if isinstance(qw.granularity, gran.PerGroup) else 0
+    if group not in Q4_GROUPS:
+        return f"needs groups of {'/'.join(map(str, Q4_GROUPS))} along K (has {qw.granularity})"
+    if k % group:
+        return f"needs in_features divisible by the group {group} (has {k})"
+    return _cpu_only(layer)
+
+
+Q4_CPU = Backend(
+    "lowbit-q4-cpu",
+    "linear",
+    "lowbit's C++ int4 x int8 kernel (AVX512-VNNI / AVX2 / plain C++), weight repacked once",
+    "activations rounded to int8 per block of 64 (32 for groups of 32) along K, absmax / 127",
+    _unavailable,
+    _q4_unsupported,
+    Q4Kernel,
+    tolerance=0.03,
+)
+
+
+# --- int8 ---------------------------------------------------------------------------------------
+
+
+class Q8Kernel(Kernel):
+    """Symmetric int8 per-channel weights x int8 activations quantized per block in the kernel."""
+
+    name = "lowbit-q8-cpu"
+
+    def __init__(self, layer: Any) -> None:
+        qw = layer.qweight
+        super().__init__(qw.packed.device)
+        self.codes = qw.codes().reshape(qw.shape).to(torch.int8).contiguous()
+        self.scale = _per_channel_scale(qw)
+        self.block = 64 if qw.shape[1] % 64 == 0 else 32
+        self.ext = extension()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        flat, lead = _flat(x.float().contiguous())
+        y = self.ext.q8_linear(flat, self.codes, self.scale, self.block)
+        return y.reshape(*lead, -1).to(x.dtype)
+
+
+def _q8_unsupported(layer: Any) -> str | None:
+    reason = _weight_only(layer) or _symmetric_int_per_channel(layer)
+    if reason:
+        return reason
+    if layer.qweight.shape[1] % 32:
+        return f"needs in_features divisible by 32 (has {layer.qweight.shape[1]})"
+    return _cpu_only(layer)
+
+
+Q8_CPU = Backend(
+    "lowbit-q8-cpu",
+    "linear",
+    "lowbit's C++ int8 x int8 kernel (AVX512-VNNI / AVX2 / plain C++), per-block activation scales",
+    "activations rounded to int8 per block of 64 (32 when in_features is not a multiple of 64)",
+    _unavailable,
+    _q8_unsupported,
+    Q8Kernel,
+    tolerance=0.02,
+)
+
+QCPU_BACKENDS = (Q4_CPU, Q8_CPU)
