@@ -3,6 +3,8 @@ reference of the same arithmetic, and against the layer's reference path within 
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -126,3 +128,5 @@ def test_forced_through_use_kernels_on_a_model():
         assert {c.backend for c in use_kernels(q, "lowbit-q4-cpu")} == {"lowbit-q4-cpu"}
         got = q(x)
     assert got.shape == ref.shape and float((got - ref).norm() / ref.norm()) < 0.03
+    with torch.no_grad():  # deep copies (export, evaluate) keep working kernels
+        assert torch.equal(copy.deepcopy(q)(x), got)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 
@@ -63,6 +64,8 @@ def test_each_backend_matches_the_reference_path(backend, recipe):
         assert {m.backend for m in (q[0], q[2])} == {backend}
         fast = q(x)
     assert fast.shape == ref.shape and fast.dtype == ref.dtype
+    with torch.no_grad():  # export and evaluate deep-copy models: kernels must survive that
+        assert torch.equal(copy.deepcopy(q)(x), fast)
     error = _rel(fast, ref)
     assert error <= by_name(backend).tolerance, error
     if backend == "torch-int-mm":

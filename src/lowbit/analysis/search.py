@@ -279,6 +279,9 @@ def search(
         frontier.append(_point(f"step {k}", nbytes(path[k]), float_total, s))
     frontier.append(_point("searched", stored, float_total, final))
     choices = _explain(layers, assignment, options, moves, chosen, final_k, max_drop)
+    from lowbit.backends import use_kernels  # scored on the reference path; handed over on kernels
+
+    use_kernels(qmodel)
     return SearchResult(
         recipe=recipe,
         model=qmodel,

@@ -182,11 +182,12 @@ class Q4Kernel(Kernel):
         codes, self.scale, self.scale_zero, self.group = q4_params(layer)
         self.block = block_size(self.group)
         self.packed = pack_q4(codes, self.block)
-        self.ext = extension()
+        extension()  # built (or refused) now, not at the first call
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         flat, lead = _flat(x.float().contiguous())
-        y = self.ext.q4_linear(flat, self.packed, self.scale, self.scale_zero, self.group, self.block)
+        # The module is looked up per call, not kept: kernels are deep-copied with their model.
+        y = extension().q4_linear(flat, self.packed, self.scale, self.scale_zero, self.group, self.block)
         return y.reshape(*lead, -1).to(x.dtype)
 
 
@@ -234,11 +235,11 @@ class Q8Kernel(Kernel):
         self.codes = qw.codes().reshape(qw.shape).to(torch.int8).contiguous()
         self.scale = _per_channel_scale(qw)
         self.block = 64 if qw.shape[1] % 64 == 0 else 32
-        self.ext = extension()
+        extension()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         flat, lead = _flat(x.float().contiguous())
-        y = self.ext.q8_linear(flat, self.codes, self.scale, self.block)
+        y = extension().q8_linear(flat, self.codes, self.scale, self.block)
         return y.reshape(*lead, -1).to(x.dtype)
 
 
