@@ -22,7 +22,7 @@ A format is a small frozen dataclass, never a class hierarchy. Each ``family`` h
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 
 import torch
@@ -50,6 +50,10 @@ class Format:
         torch_dtype: ``float`` family: the torch dtype to cast to.
         learner: ``codebook`` / ``vector``: ``kmeans`` or ``quantile``.
         vector_dim: ``vector`` family: sub-vector length.
+        scale_dtype: ``None`` (scales kept in float32), or ``torch.float16`` / ``torch.bfloat16``:
+            every scale is rounded to that type when chosen, so the codes are computed against the
+            scale a runtime that stores 16-bit scales will use (GGUF's blocks, compressed-tensors'
+            fp16 checkpoints). Named ``<base>@fp16`` / ``<base>@bf16``, e.g. ``int4@fp16``.
     """
 
     name: str
@@ -64,12 +68,11 @@ class Format:
     torch_dtype: torch.dtype | None = None
     learner: str | None = None
     vector_dim: int = 1
+    scale_dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
         if self.family not in families():
-            raise ValueError(
-                f"format {self.name!r}: family must be one of {families()}, got {self.family!r}"
-            )
+            raise ValueError(f"format {self.name!r}: family must be one of {families()}, got {self.family!r}")
         if not 1 <= self.bits <= 16:
             raise ValueError(f"format {self.name!r}: bits must be in 1..16, got {self.bits}")
 
@@ -205,16 +208,41 @@ _PATTERNS: list[tuple[str, object]] = [
 ]
 
 
+# ``<base>@<dtype>``: the base format with its scales rounded to a 16-bit float (see Format.scale_dtype).
+SCALE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def with_scale_dtype(fmt: Format, scale_dtype: str) -> Format:
+    """``fmt`` with 16-bit scales (``"fp16"`` or ``"bf16"``), named ``<name>@<scale_dtype>``.
+
+    >>> with_scale_dtype(get("int4"), "fp16").name
+    'int4@fp16'
+    """
+    if scale_dtype not in SCALE_DTYPES:
+        raise ValueError(f"scale dtype must be one of {', '.join(SCALE_DTYPES)}, got {scale_dtype!r}")
+    if fmt.family not in ("int", "grid") or fmt.scale_dtype is not None:
+        raise ValueError(
+            f"format {fmt.name!r} has no float32 per-block scale to round; 16-bit scales apply to the "
+            "integer and fixed-grid formats (int4@fp16, nf4@bf16, ...)"
+        )
+    return replace(fmt, name=f"{fmt.name}@{scale_dtype}", scale_dtype=SCALE_DTYPES[scale_dtype])
+
+
 @cache
 def get(name: str) -> Format:
     """Look a format up by name.
 
     >>> get("uint4").qmax
     15
+    >>> get("int4@fp16").scale_dtype
+    torch.float16
     """
     if not isinstance(name, str):
         raise TypeError(f"format name must be a string, got {type(name).__name__}")
     key = name.strip().lower()
+    if "@" in key:
+        base, _, scale_dtype = key.partition("@")
+        return with_scale_dtype(get(base), scale_dtype)
     if key in _FIXED:
         return _FIXED[key]
     if key in _REGISTERED:

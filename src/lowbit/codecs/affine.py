@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from lowbit import packing
-from lowbit.codecs.base import EPS, BlockCodec, QParams, register, widen_range
+from lowbit.codecs.base import EPS, BlockCodec, QParams, register, round_scale, widen_range
 from lowbit.granularity import expand_params, from_blocks, to_blocks
 
 if TYPE_CHECKING:
@@ -46,7 +46,7 @@ class AffineCodec(BlockCodec):
         min_val, max_val, amax = widen_range(min_val, max_val)
         if symmetric:
             top = fmt.qmax if fmt.qmax > 0 else -fmt.qmin
-            scale = torch.clamp(amax / top, min=EPS)
+            scale = round_scale(torch.clamp(amax / top, min=EPS), fmt)
             return QParams(scale, None, block)
         steps = float(fmt.qmax - fmt.qmin)
         scale = (max_val - min_val) / steps
@@ -55,7 +55,7 @@ class AffineCodec(BlockCodec):
         # PyTorch's observers.
         wide = (max_val / steps - min_val / steps).clamp(max=torch.finfo(torch.float32).max)
         scale = torch.where(torch.isfinite(scale), scale, wide)
-        scale = torch.clamp(scale, min=EPS)
+        scale = round_scale(torch.clamp(scale, min=EPS), fmt)
         zp = fmt.qmin - torch.round(min_val / scale).to(torch.int32)
         return QParams(scale, torch.clamp(zp, fmt.qmin, fmt.qmax).to(torch.int32), block)
 

@@ -277,6 +277,19 @@ class BlockCodec(Codec):
         return self.from_range(lo, hi, fmt, block, symmetric)
 
 
+def round_scale(scale: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """``scale`` rounded to ``fmt.scale_dtype`` (kept float32), or unchanged when that is ``None``.
+
+    Scales stay positive and finite: they are clamped into the 16-bit type's range first (its
+    smallest subnormal up to its largest value), so a tiny block never gets a zero scale.
+    """
+    if fmt.scale_dtype is None:
+        return scale
+    info = torch.finfo(fmt.scale_dtype)
+    smallest = info.smallest_normal * info.eps  # the smallest positive subnormal
+    return scale.float().clamp(min=smallest, max=info.max).to(fmt.scale_dtype).float()
+
+
 def widen_range(
     min_val: torch.Tensor, max_val: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

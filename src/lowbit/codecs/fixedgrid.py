@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lowbit.codecs.base import EPS, BlockCodec, QParams, register, widen_range
+from lowbit.codecs.base import EPS, BlockCodec, QParams, register, round_scale, widen_range
 from lowbit.granularity import block_dims, expand_params, from_blocks, to_blocks
 
 if TYPE_CHECKING:
@@ -33,7 +33,7 @@ class FixedGridCodec(BlockCodec):
     def choose_blocks(self, x, xb, fmt, block, symmetric, clip_ratio):  # type: ignore[no-untyped-def]
         if fmt.scale_rule == "mean_abs" or fmt.scale_rule == "twn":
             scale = _mean_abs_scale(x, xb, block, block_dims(x.dim()), twn=fmt.scale_rule == "twn")
-            return QParams(torch.clamp(scale * clip_ratio, min=EPS), None, block)
+            return QParams(round_scale(torch.clamp(scale * clip_ratio, min=EPS), fmt), None, block)
         return self.range_qparams(x, xb, fmt, block, symmetric, clip_ratio)
 
     def from_range(
@@ -45,7 +45,7 @@ class FixedGridCodec(BlockCodec):
         symmetric: bool,
     ) -> QParams:
         _, _, amax = widen_range(min_val, max_val)
-        return QParams(torch.clamp(amax / fmt.grid_max, min=EPS), None, block)
+        return QParams(round_scale(torch.clamp(amax / fmt.grid_max, min=EPS), fmt), None, block)
 
     def encode_blocks(self, xb: torch.Tensor, fmt: Format, qparams: QParams, ndim: int) -> torch.Tensor:
         return round_to_grid(xb / expand_params(qparams.scale, ndim), fmt)

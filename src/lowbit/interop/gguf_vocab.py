@@ -1,0 +1,110 @@
+"""The tokenizer part of a GGUF file: llama.cpp will not load a model without a vocabulary.
+
+Two sources:
+
+* a Hugging Face fast tokenizer whose model is byte-level BPE (GPT-2, Llama 3, Qwen, ...): its
+  tokens in id order, its merges, its special tokens, as ``tokenizer.ggml.model = "gpt2"``;
+* no tokenizer (a byte-level model such as lowbit's tiny LMs, token id = byte): the 256 byte
+  tokens spelled as GPT-2's byte-to-unicode table spells them, no merges, so llama.cpp's BPE
+  tokenizer maps every byte to its own id. Ids past 255 become unused control tokens, because
+  llama.cpp takes the vocabulary size from the token list and checks it against the embedding.
+
+SentencePiece (``tokenizer.model``) vocabularies are not written yet: pass a fast tokenizer, or
+none and feed token ids.
+
+>>> tokens = byte_tokens(258)
+>>> tokens[ord("A")], tokens[32], tokens[257]
+('A', 'Ġ', '<|unused_257|>')
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from lowbit.errors import ModelError
+
+
+def _byte_to_unicode() -> list[str]:
+    """GPT-2's printable spelling of each byte (its ``bytes_to_unicode``)."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
+    )
+    spelling, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            spelling[b] = chr(b)
+        else:
+            spelling[b] = chr(256 + extra)
+            extra += 1
+    return [spelling[b] for b in range(256)]
+
+
+def byte_tokens(vocab_size: int) -> list[str]:
+    """Token strings of a byte-level vocabulary of ``vocab_size`` ids (>= 256)."""
+    if vocab_size < 256:
+        raise ModelError(
+            f"a model without a tokenizer is written with a byte vocabulary, which needs 256 ids; "
+            f"this one has {vocab_size}: pass its tokenizer"
+        )
+    return _byte_to_unicode() + [f"<|unused_{i}|>" for i in range(256, vocab_size)]
+
+
+def write_vocab(writer: Any, vocab_size: int, tokenizer: Any | None = None) -> str:
+    """Add the vocabulary keys to a ``gguf.GGUFWriter``; returns what was written, in words."""
+    import gguf
+
+    if tokenizer is None:
+        tokens = byte_tokens(vocab_size)
+        types = [gguf.TokenType.NORMAL] * 256 + [gguf.TokenType.UNUSED] * (vocab_size - 256)
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre("default")
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        # llama.cpp refuses a BPE vocabulary without merges (and gguf skips an empty list): one
+        # merge of two NUL bytes, whose result is no token, so its tokenizer falls back to the
+        # two byte tokens and every byte still maps to its own id.
+        writer.add_token_merges([f"{tokens[0]} {tokens[0]}"])
+        writer.add_add_bos_token(False)
+        return f"byte vocabulary ({vocab_size} ids: token id = byte)"
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ModelError(
+            "GGUF export writes fast (tokenizers-backed) byte-level BPE tokenizers; this one is "
+            f"{type(tokenizer).__name__}. Load it with use_fast=True, or pass tokenizer=None to write a "
+            "byte vocabulary"
+        )
+    spec = json.loads(backend.to_str())
+    model = spec.get("model", {})
+    if model.get("type") != "BPE":
+        raise ModelError(
+            f"GGUF export writes byte-level BPE tokenizers; this one is {model.get('type')!r} "
+            "(SentencePiece / WordPiece vocabularies are not supported yet)"
+        )
+    vocab: dict[str, int] = dict(model["vocab"])
+    for added in spec.get("added_tokens", []):
+        vocab[added["content"]] = added["id"]
+    special = {a["id"] for a in spec.get("added_tokens", []) if a.get("special")}
+    size = max(vocab_size, max(vocab.values()) + 1)
+    by_id = {i: t for t, i in vocab.items()}
+    tokens = [by_id.get(i, f"<|unused_{i}|>") for i in range(size)]
+    types = [
+        gguf.TokenType.CONTROL
+        if i in special
+        else gguf.TokenType.NORMAL
+        if i in by_id
+        else gguf.TokenType.UNUSED
+        for i in range(size)
+    ]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    for attr, add in (("bos_token_id", writer.add_bos_token_id), ("eos_token_id", writer.add_eos_token_id)):
+        value = getattr(tokenizer, attr, None)
+        if value is not None:
+            add(int(value))
+    writer.add_add_bos_token(False)
+    return f"byte-level BPE from {type(tokenizer).__name__} ({len(tokens)} tokens, {len(merges)} merges)"
