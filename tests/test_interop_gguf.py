@@ -241,3 +241,16 @@ def test_llama_cpp_runs_the_file_as_lowbit_does(tmp_path, arch: str) -> None:
         mine = lowbit_model(torch.tensor([tokens])).logits[0]
     # llama.cpp rounds activations to 8 bits for its Q4_0 dot products: close, not equal.
     assert float(torch.nn.functional.cosine_similarity(mine.flatten(), theirs.flatten(), dim=0)) > 0.999
+
+
+def test_cli_exports_a_hugging_face_directory(tmp_path, capsys) -> None:
+    from lowbit.cli import main
+
+    model_dir = tmp_path / "hf"
+    tiny_lm("llama").save_pretrained(model_dir)
+    out = tmp_path / "m.gguf"
+    assert main(["export", str(model_dir), "--qtype", "Q8_0", "-o", str(out)]) == 0
+    assert "Q8_0" in capsys.readouterr().out
+    back = load_gguf(out, kernels="reference")
+    assert back.model.layers[0].mlp.up_proj.qweight.fmt.name == "int8@fp16"
+    assert main(["export", str(model_dir), "--qtype", "Q8_0", "-o", str(out)]) == 2  # exists: --force

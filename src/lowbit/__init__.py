@@ -31,6 +31,7 @@ __all__ = [
     "distill",
     "doctor",
     "evaluate",
+    "export_gguf",
     "export_onnx",
     "from_sklearn",
     "load",
@@ -38,6 +39,7 @@ __all__ = [
     "pruning",
     "qat",
     "quantize",
+    "quantize_for_gguf",
     "save",
     "search",
     "sensitivity",
@@ -52,4 +54,13 @@ def __getattr__(name: str) -> object:
         from lowbit.export.onnx import export_onnx
 
         return export_onnx
+    # GGUF and compressed-tensors need their packages (gguf, compressed-tensors): imported on use.
+    if name in ("export_gguf", "quantize_for_gguf"):
+        from lowbit.interop import gguf_export
+
+        return getattr(gguf_export, name)
+    if name == "save_pretrained":
+        from lowbit.interop.compressed_tensors import save_pretrained
+
+        return save_pretrained
     raise AttributeError(f"module 'lowbit' has no attribute {name!r}")

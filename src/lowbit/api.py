@@ -13,13 +13,15 @@ import copy
 import sys
 import warnings
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from lowbit.backends import use_kernels
 from lowbit.errors import DataError
-from lowbit.export.artifact import load, save
+from lowbit.export import artifact
+from lowbit.export.artifact import save
 from lowbit.modelcheck import require_module
 from lowbit.ptq.activation_plan import apply_activation_plan, measure_activation_plan
 from lowbit.ptq.checks import check_calibration, check_model
@@ -164,6 +166,42 @@ def data_aware_steps(recipe: Recipe) -> list[str]:
     if recipe.bias_correction:
         used.add("bias_correction")
     return sorted(used & set(DATA_AWARE))
+
+
+def load(path: str | Path, model: nn.Module | None = None, **options: Any) -> nn.Module:
+    """A quantized model from ``path``: a lowbit artifact directory (``model`` is the float
+    architecture to fill, see ``lowbit.export.artifact.load`` for ``options``), a GGUF file
+    (``lowbit.interop.gguf_import.load_gguf``) or a compressed-tensors checkpoint directory
+    (``lowbit.interop.compressed_tensors``); the last two rebuild the architecture themselves
+    and take only ``kernels``. Nothing is re-quantized.
+
+    >>> qmodel = lowbit.load("tiny.gguf")  # doctest: +SKIP
+    >>> qmodel = lowbit.load("out/", model=skeleton)  # doctest: +SKIP
+    """
+    from lowbit.errors import ArtifactError
+    from lowbit.interop.gguf_import import is_gguf_file
+
+    foreign = None
+    if is_gguf_file(path):
+        from lowbit.interop.gguf_import import load_gguf as foreign
+    elif (Path(path) / "config.json").is_file() and not (Path(path) / "lowbit.json").is_file():
+        try:
+            from lowbit.interop.compressed_tensors import is_compressed_tensors_dir, load_compressed_tensors
+        except ImportError:
+            is_compressed_tensors_dir = None
+        if is_compressed_tensors_dir is not None and is_compressed_tensors_dir(path):
+            foreign = load_compressed_tensors
+    if foreign is not None:
+        unknown = set(options) - {"kernels"}
+        if unknown:
+            raise TypeError(f"loading {path} takes only kernels=, not {', '.join(sorted(unknown))}")
+        return foreign(path, **options)
+    if model is None:
+        raise ArtifactError(
+            f"{path} is a lowbit artifact (or not a model file lowbit knows: GGUF, compressed-tensors); "
+            "a lowbit artifact loads into its float architecture: lowbit.load(path, model=skeleton)"
+        )
+    return artifact.load(path, model, **options)
 
 
 __all__ = [

@@ -96,10 +96,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    export_onnx = _optional("lowbit.export.onnx", "export_onnx", "export")
     out = Path(args.output).expanduser()
     if out.exists() and not args.force:
         raise CliError(f"{out} exists; pass --force to overwrite it", 2)
+    kind = args.format or ("gguf" if out.suffix == ".gguf" else "onnx" if out.suffix == ".onnx" else "hf")
+    if kind == "gguf":
+        return _export_gguf(args, out)
+    if kind == "hf":
+        return _export_hf(args, out)
+    export_onnx = _optional("lowbit.export.onnx", "export_onnx", "export")
     if out.suffix != ".onnx":
         raise CliError(f"-o {out}: give a file name ending in .onnx", 2)
     if args.recipe:
@@ -119,5 +124,40 @@ def cmd_export(args: argparse.Namespace) -> int:
         example = calibration[0]  # text models export with named inputs; factories with the user's data
     report = export_onnx(qmodel, out, example)
     text = report.to_text() if hasattr(report, "to_text") else f"exported {out}"
+    _out(args, text, report)
+    return 0
+
+
+def _export_gguf(args: argparse.Namespace, out: Path) -> int:
+    """``lowbit export MODEL --format gguf``: lowbit's grids written exactly, the rest re-quantized."""
+    export_gguf = _optional("lowbit.interop.gguf_export", "export_gguf", "export --format gguf")
+    from lowbit.errors import ArtifactError, DataError, ModelError
+
+    zm = _model(args.model)
+    calibration = _calibration(args, zm)
+    model = _quantized(args, zm) if (args.recipe or args.artifact) else zm.model
+    try:
+        report = export_gguf(
+            model, out, args.qtype, calibration=calibration, algorithm=args.algorithm,
+            tokenizer=zm.tokenizer, requantize=args.requantize, imatrix=args.imatrix, progress=False,
+        )  # fmt: skip
+    except (ArtifactError, DataError, ModelError, ValueError) as err:
+        raise CliError(str(err), 2) from None
+    _out(args, report.summary(), report)
+    return 0
+
+
+def _export_hf(args: argparse.Namespace, out: Path) -> int:
+    """``lowbit export MODEL --format hf``: a compressed-tensors checkpoint directory."""
+    save_pretrained = _optional("lowbit.interop.compressed_tensors", "save_pretrained", "export --format hf")
+    from lowbit.errors import ArtifactError, ModelError
+
+    zm = _model(args.model)
+    qmodel = _quantized(args, zm)
+    try:
+        report = save_pretrained(qmodel, out, tokenizer=zm.tokenizer, calibration=_calibration(args, zm))
+    except (ArtifactError, ModelError, ValueError) as err:
+        raise CliError(str(err), 2) from None
+    text = report.summary() if hasattr(report, "summary") else f"wrote {out}"
     _out(args, text, report)
     return 0

@@ -29,8 +29,9 @@ verbs (run `lowbit VERB --help` for options):
                  lowbit compare digits-cnn --recipes int8-static,nf4,int4-weight-only
   inspect      show and verify what an artifact stores
                  lowbit inspect out/
-  export       export a quantized model to ONNX for ONNX Runtime
+  export       export to ONNX (ONNX Runtime), GGUF (llama.cpp) or a Hugging Face checkpoint
                  lowbit export digits-cnn --recipe int8-dynamic -o model.onnx
+                 lowbit export ./my-llama --qtype Q4_0 --algorithm gptq --calib text.txt -o m.gguf
   doctor       what this machine can run fast; what a model / artifact will get
                  lowbit doctor out/
   bench        latency benchmark against the float model and other tools
@@ -148,17 +149,35 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb(
         "export",
         cmd_export,
-        "export a quantized model to ONNX (ONNX Runtime integer kernels)",
-        "lowbit export digits-cnn --recipe int8-dynamic -o model.onnx",
+        "export to ONNX (ORT integer kernels), GGUF (llama.cpp) or a Hugging Face checkpoint",
+        "lowbit export digits-cnn --recipe int8-dynamic -o model.onnx; "
+        "lowbit export ./my-llama --qtype Q4_0 --algorithm gptq --calib text.txt -o model.gguf",
     )
     model_args(p, data=False)
+    p.add_argument(
+        "--format", choices=("onnx", "gguf", "hf"), default=None,
+        help="onnx, gguf or hf (compressed-tensors directory); default: from the -o name",
+    )  # fmt: skip
+    p.add_argument(
+        "--qtype", default="Q4_0", help="GGUF type: F16 Q8_0 Q5_0 Q4_0 Q4_1 Q4_K Q6_K (default Q4_0)"
+    )
+    p.add_argument(
+        "--algorithm", default="rtn", choices=("rtn", "gptq", "awq"),
+        help="GGUF from a float model: how lowbit quantizes the linear layers (gptq / awq need --calib)",
+    )  # fmt: skip
+    p.add_argument(
+        "--requantize", action="store_true", help="GGUF: round lowbit grids that are no GGUF type again"
+    )
+    p.add_argument(
+        "--imatrix", action="store_true", help="GGUF K-quants: weight rounding by --calib activations"
+    )
     p.add_argument("--recipe", help="preset name or recipe YAML")
     p.add_argument("--artifact", metavar="DIR", help="a saved artifact of MODEL instead of --recipe")
     p.add_argument(
         "--allow-unsealed", action="store_true", help="also read lowbit 0.1 artifacts (no lowbit.sha256)"
     )
-    p.add_argument("-o", "--output", required=True, metavar="FILE.onnx")
-    p.add_argument("--force", action="store_true", help="overwrite FILE.onnx")
+    p.add_argument("-o", "--output", required=True, metavar="FILE.onnx|FILE.gguf|DIR")
+    p.add_argument("--force", action="store_true", help="overwrite the output")
 
     p = verb(
         "doctor",

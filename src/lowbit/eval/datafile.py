@@ -262,9 +262,7 @@ def load_data(
         raise DataError(f"batch size must be >= 1, got {batch_size}")
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
-        raise DataError(
-            f"data file {path}: unsupported type {suffix or '(none)'}; use {', '.join(SUFFIXES)}"
-        )
+        raise DataError(f"data file {path}: unsupported type {suffix or '(none)'}; use {', '.join(SUFFIXES)}")
     size = path.stat().st_size
     if size == 0:
         raise DataError(f"data file {path} is empty (0 bytes)")

@@ -50,8 +50,6 @@ MANIFEST_FILE = "lowbit.json"
 COMPRESSIONS = {"none": WEIGHTS_FILE, "lzma": WEIGHTS_FILE + ".xz"}
 
 
-
-
 # Here rather than in artifact.py because expanding a compact manifest derives every tensor's role
 # again (a coded manifest leaves them out); artifact.py uses it to write them in the first place.
 def tensor_role(key: str, quantized: dict[str, QuantizedModule]) -> tuple[str, str | None]:

@@ -121,9 +121,7 @@ def perturbed(tensors: tuple[torch.Tensor, ...], seed: int = 0) -> tuple[torch.T
     return tuple(out)
 
 
-def messages(
-    example: dict[str, Any], second: dict[str, Any] | None, subnormal: list[str]
-) -> list[str]:
+def messages(example: dict[str, Any], second: dict[str, Any] | None, subnormal: list[str]) -> list[str]:
     """Warnings for the report (empty when ORT follows PyTorch and no denormal was seen)."""
     out = []
     if subnormal:

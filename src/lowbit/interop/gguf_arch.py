@@ -97,8 +97,8 @@ def write_hparams(writer: Any, family: Family, config: Any) -> None:
 
 
 def config_from_gguf(arch: str, fields: dict[str, Any], vocab_size: int) -> Any:
-    """A transformers config for a GGUF file's ``arch`` and hyper-parameter ``fields``
-    (``{"context_length": ..., ...}``, the keys without the ``<arch>.`` prefix)."""
+    """A transformers config for a GGUF file's ``arch`` and its ``fields``: the hyper-parameters
+    without the ``<arch>.`` prefix (``{"context_length": ..., ...}``) and ``tokenizer.ggml.*``."""
     import transformers
 
     def need(key: str) -> Any:
@@ -106,7 +106,8 @@ def config_from_gguf(arch: str, fields: dict[str, Any], vocab_size: int) -> Any:
             raise ModelError(f"GGUF file of architecture {arch!r} has no {arch}.{key}")
         return fields[key]
 
-    common = {"vocab_size": vocab_size, "use_cache": False}
+    special = {k: fields.get(f"tokenizer.ggml.{k}") for k in ("bos_token_id", "eos_token_id")}
+    common = {"vocab_size": vocab_size, "use_cache": False, **special}
     if arch == "gpt2":
         return transformers.GPT2Config(
             n_positions=int(need("context_length")),

@@ -378,7 +378,7 @@ def _write_file(model, family, path: Path, qtype: str, written: list[Written], t
         writer.add_file_type(int(gguf.LlamaFileType[FILE_TYPES[qtype]]))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         vocab_size = int(model.config.vocab_size)
-        described = write_vocab(writer, vocab_size, tokenizer)
+        described = write_vocab(writer, vocab_size, tokenizer, model.config)
         for w in written:
             raw = None if w.qtype in ("F16", "F32") else blocks.qtype_enum(w.qtype)
             writer.add_tensor(w.entry.name, np.ascontiguousarray(w.array), raw_dtype=raw)

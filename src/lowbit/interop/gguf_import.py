@@ -85,6 +85,7 @@ def load_gguf(path: str | Path, *, kernels: str = "auto") -> nn.Module:
     arch = fields.get("general.architecture")
     prefix = f"{arch}."
     hparams = {k[len(prefix) :]: v for k, v in fields.items() if k.startswith(prefix)}
+    hparams.update({k: v for k, v in fields.items() if k.startswith("tokenizer.ggml.") and k.endswith("_id")})
     tensors = {t.name: t for t in reader.tensors}
     vocab = len(fields.get("tokenizer.ggml.tokens") or []) or _rows_of(tensors, "token_embd.weight", path)
     try:

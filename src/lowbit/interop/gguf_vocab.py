@@ -50,11 +50,19 @@ def byte_tokens(vocab_size: int) -> list[str]:
     return _byte_to_unicode() + [f"<|unused_{i}|>" for i in range(256, vocab_size)]
 
 
-def write_vocab(writer: Any, vocab_size: int, tokenizer: Any | None = None) -> str:
-    """Add the vocabulary keys to a ``gguf.GGUFWriter``; returns what was written, in words."""
+def write_vocab(writer: Any, vocab_size: int, tokenizer: Any | None = None, config: Any = None) -> str:
+    """Add the vocabulary keys to a ``gguf.GGUFWriter``; returns what was written, in words.
+    Without a tokenizer, the model ``config``'s BOS / EOS ids (when it has them) are recorded."""
     import gguf
 
     if tokenizer is None:
+        for attr, add in (
+            ("bos_token_id", writer.add_bos_token_id),
+            ("eos_token_id", writer.add_eos_token_id),
+        ):
+            value = getattr(config, attr, None)
+            if isinstance(value, int) and 0 <= value < vocab_size:
+                add(value)
         tokens = byte_tokens(vocab_size)
         types = [gguf.TokenType.NORMAL] * 256 + [gguf.TokenType.UNUSED] * (vocab_size - 256)
         writer.add_tokenizer_model("gpt2")
