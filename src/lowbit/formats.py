@@ -46,7 +46,10 @@ class Format:
         grid: ``grid`` family: sorted magnitudes (``sign_magnitude``) or sorted values.
         sign_magnitude: grid codes are ``sign << (bits-1) | magnitude_index``.
         scale_rule: how a block's scale is chosen: ``absmax`` (largest |x| maps to the largest
-            grid value), ``mean_abs`` (binary, optimal L2 for sign), ``twn`` (ternary weight networks).
+            grid value), ``mean_abs`` (binary, optimal L2 for sign), ``twn`` (ternary weight networks),
+            ``signed_absmax`` (integers: the value of largest magnitude maps exactly onto ``qmin``,
+            the scale taking the sign that puts it there, so all ``2**bits`` codes are steps of
+            ``amax / |qmin|``: llama.cpp's ``Q4_0`` / ``Q5_0`` rule).
         torch_dtype: ``float`` family: the torch dtype to cast to.
         learner: ``codebook`` / ``vector``: ``kmeans`` or ``quantile``.
         vector_dim: ``vector`` family: sub-vector length.
@@ -196,6 +199,13 @@ _FIXED: dict[str, Format] = {
     "binary": Format("binary", "grid", 1, grid=(-1.0, 1.0), scale_rule="mean_abs"),
     "ternary": Format("ternary", "grid", 2, grid=(-1.0, 0.0, 1.0), scale_rule="twn"),
     "pq": pq_format(8, 4),
+    # llama.cpp's Q4_0 / Q5_0 grids: signed codes, the largest magnitude on qmin, fp16 scales.
+    "gguf_q4_0": Format(
+        "gguf_q4_0", "int", 4, True, -8, 7, scale_rule="signed_absmax", scale_dtype=torch.float16
+    ),
+    "gguf_q5_0": Format(
+        "gguf_q5_0", "int", 5, True, -16, 15, scale_rule="signed_absmax", scale_dtype=torch.float16
+    ),
 }
 
 _PATTERNS: list[tuple[str, object]] = [
@@ -264,7 +274,7 @@ def names() -> list[str]:
     out += ["binary", "ternary", "fp16", "bf16", "fp8_e4m3", "fp8_e5m2", "fp4_e2m1", "nf4"]
     out += [f"log2_{b}" for b in range(2, 9)]
     out += [f"kmeans_{b}" for b in range(1, 9)] + [f"quantile_{b}" for b in range(1, 9)]
-    out += ["pq"]
+    out += ["pq", "gguf_q4_0", "gguf_q5_0"]
     return out + list(_REGISTERED)
 
 

@@ -44,6 +44,13 @@ class AffineCodec(BlockCodec):
         symmetric: bool,
     ) -> QParams:
         min_val, max_val, amax = widen_range(min_val, max_val)
+        if symmetric and fmt.scale_rule == "signed_absmax":
+            # The extreme value lands exactly on qmin (the code with the extra level): a negative
+            # scale when the extreme is positive. All-zero blocks keep a tiny positive scale.
+            extreme = torch.where(max_val >= -min_val, max_val, min_val)
+            scale = extreme / fmt.qmin
+            scale = torch.where(scale.abs() < EPS, torch.full_like(scale, EPS), scale)
+            return QParams(round_scale(scale, fmt), None, block)
         if symmetric:
             top = fmt.qmax if fmt.qmax > 0 else -fmt.qmin
             scale = round_scale(torch.clamp(amax / top, min=EPS), fmt)

@@ -280,14 +280,17 @@ class BlockCodec(Codec):
 def round_scale(scale: torch.Tensor, fmt: Format) -> torch.Tensor:
     """``scale`` rounded to ``fmt.scale_dtype`` (kept float32), or unchanged when that is ``None``.
 
-    Scales stay positive and finite: they are clamped into the 16-bit type's range first (its
-    smallest subnormal up to its largest value), so a tiny block never gets a zero scale.
+    Scales stay non-zero and finite: their magnitude is clamped into the 16-bit type's range
+    first (its smallest subnormal up to its largest value), so a tiny block never gets a zero
+    scale; the sign is kept (``signed_absmax`` scales can be negative).
     """
     if fmt.scale_dtype is None:
         return scale
     info = torch.finfo(fmt.scale_dtype)
     smallest = info.smallest_normal * info.eps  # the smallest positive subnormal
-    return scale.float().clamp(min=smallest, max=info.max).to(fmt.scale_dtype).float()
+    scale = scale.float()
+    magnitude = scale.abs().clamp(min=smallest, max=info.max)
+    return torch.where(scale < 0, -magnitude, magnitude).to(fmt.scale_dtype).float()
 
 
 def widen_range(

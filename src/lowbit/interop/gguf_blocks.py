@@ -8,9 +8,12 @@ AWQ) is written without touching a code:
 GGUF type   value                                        lowbit grid
 ==========  ==========================================  =========================================
 ``Q8_0``    ``d * q``, ``q`` int8, one fp16 ``d`` per 32  ``int8@fp16``, symmetric, ``group:32``
-``Q5_0``    ``d * (q - 16)``, ``q`` 0..31                 ``int5@fp16``, symmetric, ``group:32``
-``Q4_0``    ``d * (q - 8)``, ``q`` 0..15                  ``int4@fp16``, symmetric, ``group:32``
+``Q5_0``    ``d * (q - 16)``, ``q`` 0..31                 ``int5@fp16`` or ``gguf_q5_0``, ``group:32``
+``Q4_0``    ``d * (q - 8)``, ``q`` 0..15                  ``int4@fp16`` or ``gguf_q4_0``, ``group:32``
 ==========  ==========================================  =========================================
+
+(symmetric; ``gguf_q4_0`` / ``gguf_q5_0`` choose scales as llama.cpp does: the largest magnitude
+on code -8 / -16, the scale possibly negative.)
 
 (groups of 64, 128 ... or one scale per row map too: each 32-block repeats its group's scale.)
 The ``gguf`` package's dequantizer multiplies the same float32 numbers lowbit's does, so the

@@ -4,9 +4,10 @@ package's own reader.
 
 Where each tensor's type comes from:
 
-* a layer lowbit quantized to an exact GGUF grid (``int8@fp16`` / ``int5@fp16`` / ``int4@fp16``,
-  symmetric, groups of 32 or a multiple) is written as ``Q8_0`` / ``Q5_0`` / ``Q4_0`` with its own
-  codes and scales: GPTQ's or AWQ's choices survive, nothing is rounded again;
+* a layer lowbit quantized to an exact GGUF grid (``int8@fp16``, ``gguf_q5_0`` / ``int5@fp16``,
+  ``gguf_q4_0`` / ``int4@fp16``; symmetric, groups of 32 or a multiple) is written as ``Q8_0`` /
+  ``Q5_0`` / ``Q4_0`` with its own codes and scales: GPTQ's or AWQ's choices survive, nothing is
+  rounded again;
 * a layer lowbit quantized to any other grid is refused, naming the layer and why, unless
   ``requantize=True``, which re-quantizes its dequantized weight to ``qtype`` and reports the
   extra error;
@@ -44,7 +45,7 @@ from lowbit.interop import gguf_blocks as blocks
 from lowbit.interop.gguf_arch import Entry, entries, family_of, write_hparams
 from lowbit.interop.gguf_vocab import write_vocab
 
-GRID_FORMATS = {"Q8_0": "int8@fp16", "Q5_0": "int5@fp16", "Q4_0": "int4@fp16"}
+GRID_FORMATS = {"Q8_0": "int8@fp16", "Q5_0": "gguf_q5_0", "Q4_0": "gguf_q4_0"}
 ALGORITHMS = ("rtn", "gptq", "awq")
 LOW_BIT = ("Q4_0", "Q4_1", "Q5_0", "Q4_K")
 FALLBACK = {"Q4_K": "Q5_0", "Q6_K": "Q8_0", "Q4_0": "F16", "Q4_1": "F16", "Q5_0": "F16", "Q8_0": "F16"}
@@ -357,7 +358,7 @@ def _quantized(entry: Entry, qtype: str, requantize: bool, values: np.ndarray): 
     if not requantize:
         raise ArtifactError(
             f"layer {entry.hf_name}: its {qw.fmt.name} {qw.granularity} weights are no GGUF type "
-            f"({reasons['Q4_0' if qw.fmt.bits <= 4 else 'Q8_0']}). Quantize with int4@fp16 / int5@fp16 / "
+            f"({reasons['Q4_0' if qw.fmt.bits <= 4 else 'Q8_0']}). Quantize with gguf_q4_0 / gguf_q5_0 / "
             "int8@fp16, symmetric, group:32 to write lowbit's codes, or pass requantize=True "
             f"(--requantize) to round its weights again to {qtype} (the extra error is reported)"
         )

@@ -4,8 +4,8 @@ The architecture is rebuilt from the file's hyper-parameters (``gpt2`` and ``lla
 tensor is read with the ``gguf`` package's reader, checked against the shape the architecture
 needs, and then:
 
-* ``Q8_0`` / ``Q5_0`` / ``Q4_0`` become lowbit ``int8@fp16`` / ``int5@fp16`` / ``int4@fp16``
-  weights in groups of 32: the file's codes and fp16 scales, unchanged;
+* ``Q8_0`` / ``Q5_0`` / ``Q4_0`` become lowbit ``int8@fp16`` / ``gguf_q5_0`` / ``gguf_q4_0``
+  weights in groups of 32: the file's codes and fp16 scales (negative ones too), unchanged;
 * ``Q6_K`` becomes ``int6`` in groups of 16 whose scale is the file's ``d * scale`` product (the
   float32 number llama.cpp multiplies by), so the values are the file's exactly;
 * ``F32`` / ``F16`` / ``BF16`` are float tensors;
@@ -19,7 +19,7 @@ naming the file and the tensor.
 
 >>> qmodel = load_gguf("tiny.gguf")  # doctest: +SKIP
 >>> qmodel.transformer.h[0].attn.c_attn.qweight.fmt.name  # doctest: +SKIP
-'int4@fp16'
+'gguf_q4_0'
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from lowbit.interop import gguf_blocks as blocks
 from lowbit.interop.gguf_arch import Entry, config_from_gguf, entries, family_of, inverse_rows
 
 MAGIC = b"GGUF"
-GRID_OF = {"Q8_0": "int8@fp16", "Q5_0": "int5@fp16", "Q4_0": "int4@fp16"}
+GRID_OF = {"Q8_0": "int8@fp16", "Q5_0": "gguf_q5_0", "Q4_0": "gguf_q4_0"}
 
 
 def is_gguf_file(path: str | Path) -> bool:
