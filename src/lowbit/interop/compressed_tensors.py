@@ -12,9 +12,10 @@ dequantized weight bit for bit. A weight compressed-tensors cannot store exactly
 ``ArtifactError`` naming the layer; nothing is re-quantized, and nothing is left on disk.
 
 >>> import lowbit, torch
+>>> from lowbit.recipes import Recipe, WeightSpec
 >>> from lowbit.zoo.tinylms import TinyLMConfig, build_tiny_lm
 >>> model = build_tiny_lm(TinyLMConfig("llama", n_layer=2, d_model=64))  # doctest: +SKIP
->>> recipe = lowbit.Recipe(weight=lowbit.WeightSpec("int4", "group:32"), modules=("linear",))
+>>> recipe = Recipe(weight=WeightSpec("int4", "group:32"), modules=("linear",))
 >>> qmodel = lowbit.quantize(model, recipe, progress=False)  # doctest: +SKIP
 >>> report = save_pretrained(qmodel, "out-ct")  # doctest: +SKIP
 >>> report.ok, report.max_weight_diff  # doctest: +SKIP

@@ -90,6 +90,11 @@ def _quantization_config(directory: Path) -> Any:
             f"{path}: quantization_status is {qc.quantization_status!r}; "
             "lowbit reads 'compressed' checkpoints"
         )
+    if qc.format not in (*FORMATS, "mixed-precision"):
+        raise ArtifactError(
+            f"{path}: quantization_config.format is {qc.format!r}; lowbit reads {', '.join(FORMATS)} "
+            "(or mixed-precision of them)"
+        )
     for group, scheme in qc.config_groups.items():
         fmt = scheme.format or qc.format
         if fmt not in FORMATS and not (scheme.format is None and qc.format == "mixed-precision"):
