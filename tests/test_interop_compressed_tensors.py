@@ -152,8 +152,13 @@ def test_certificate_reports_what_transformers_cannot_load(llama, tmp_path):
 def test_held_out_logits_match_transformers(llama, held_out, tmp_path):
     from transformers import AutoModelForCausalLM
 
+    class Tokenizer:  # what save_pretrained asks of a tokenizer
+        def save_pretrained(self, directory: str) -> None:
+            (Path(directory) / "tokenizer.json").write_text('{"byte": true}')
+
     qmodel = _quantize(llama, Recipe(weight=WeightSpec("int4", "group:32"), modules=("linear",)))
-    report = ct.save_pretrained(qmodel, tmp_path / "ckpt")
+    report = ct.save_pretrained(qmodel, tmp_path / "ckpt", Tokenizer())
+    assert (tmp_path / "ckpt" / "tokenizer.json").read_text() == '{"byte": true}'
     assert report.inputs == "random tokens" and report.loader == "default" and report.ok
     assert "lm_head" in report.weight_max_abs_diff and _quant_config(tmp_path / "ckpt")["ignore"] == []
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt").eval()
