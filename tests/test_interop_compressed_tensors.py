@@ -452,3 +452,23 @@ def test_docstrings_run():
     for module in (ct, ct_load, ct_parity, ct_schemes):
         result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
         assert result.failed == 0, module.__name__
+
+
+def test_lowbit_load_and_the_cli_take_compressed_tensors(good_ckpt, llama, tmp_path, held_out, capsys):
+    import lowbit
+    from lowbit.cli import main
+
+    mine = lowbit.load(good_ckpt, kernels="reference")
+    direct = ct.load_compressed_tensors(good_ckpt, kernels="reference")
+    assert torch.equal(_logits(mine, held_out), _logits(direct, held_out))
+    with pytest.raises(TypeError, match="kernels"):
+        lowbit.load(good_ckpt, allow_unsealed=True)
+
+    source = tmp_path / "float"
+    llama.save_pretrained(source)
+    out = tmp_path / "ct"
+    recipe = tmp_path / "w8.yaml"
+    recipe.write_text("name: w8\nweight: {format: int8, granularity: channel}\nmodules: [linear]\n")
+    code = main(["export", str(source), "--recipe", str(recipe), "--format", "hf", "-o", str(out)])
+    assert code in (0, 1) and (out / "config.json").is_file() and (out / "parity.json").is_file()
+    assert "transformers" in capsys.readouterr().out

@@ -41,6 +41,7 @@ __all__ = [
     "quantize",
     "quantize_for_gguf",
     "save",
+    "save_pretrained",
     "search",
     "sensitivity",
     "size_report",

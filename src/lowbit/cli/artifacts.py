@@ -155,9 +155,11 @@ def _export_hf(args: argparse.Namespace, out: Path) -> int:
     zm = _model(args.model)
     qmodel = _quantized(args, zm)
     try:
-        report = save_pretrained(qmodel, out, tokenizer=zm.tokenizer, calibration=_calibration(args, zm))
+        calibration = _calibration(args, zm)
+        report = save_pretrained(
+            qmodel, out, tokenizer=zm.tokenizer, calibration=calibration, force=args.force
+        )
     except (ArtifactError, ModelError, ValueError) as err:
         raise CliError(str(err), 2) from None
-    text = report.summary() if hasattr(report, "summary") else f"wrote {out}"
-    _out(args, text, report)
-    return 0
+    _out(args, f"wrote {out}\n{report.summary()}", report)
+    return 0 if report.ok else 1

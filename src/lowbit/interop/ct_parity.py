@@ -80,6 +80,21 @@ class ParityReport:
             and self.logits_cosine_min >= 0.9999
         )
 
+    def summary(self) -> str:
+        """A few lines for the terminal."""
+        if not self.loaded:
+            return f"transformers could not load the checkpoint: {self.error}"
+        worst = self.max_weight_diff
+        lines = [
+            f"transformers ({self.loader} loader) read it back: largest weight difference "
+            f"{worst if worst is not None else 'n/a'}, logits cosine min {self.logits_cosine_min:.6f} / mean "
+            f"{self.logits_cosine_mean:.6f}, top-1 agreement {self.top1_agreement:.2%} on {self.tokens} "
+            f"tokens ({self.inputs})"
+        ]
+        if self.error:
+            lines.append(f"(the default loader failed first: {self.error})")
+        return "\n".join(lines)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: a layer transformers lost (no comparable weight) is ``None``."""
         out = dataclasses.asdict(self)
