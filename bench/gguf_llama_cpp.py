@@ -6,7 +6,8 @@ width 256 so the K-quants' 256-blocks fit), on the held-out text:
 
 * lowbit's perplexity of the float model (PyTorch);
 * for each file: llama.cpp's perplexity, lowbit's perplexity of the same file (``load_gguf``),
-  their gap, and the logits cosine between llama.cpp and lowbit on one window;
+  their gap, the logits cosine between llama.cpp and lowbit on one window, and the mean KL
+  divergence of llama.cpp's predictions from the float model's (what quantization cost);
 * files: lowbit RTN and GPTQ at Q4_0 and Q8_0 (head Q6_K / Q8_0 as llama.cpp's mix), lowbit
   Q4_K and Q6_K (with and without imatrix), and llama.cpp's own ``llama_model_quantize`` of the
   F16 file to Q4_0 / Q4_K_M / Q8_0, the same model quantized by the tool users would pick.
@@ -38,27 +39,38 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def llama_cpp_nll(path: Path, windows: list[list[int]], threads: int = 2) -> tuple[float, np.ndarray]:
-    """llama.cpp's perplexity over ``windows`` (each predicted from its own start) and the
-    logits of the first window."""
+    """llama.cpp's perplexity over ``windows`` (each predicted from its own start) and its logits
+    ``[windows, tokens, vocab]``."""
     import llama_cpp
 
     n = len(windows[0])
     llm = llama_cpp.Llama(
         model_path=str(path), n_ctx=n, n_batch=n, logits_all=True, verbose=False, n_threads=threads
     )
-    total, count, first = 0.0, 0, None
+    total, count, every = 0.0, 0, []
     for w in windows:
         llm.reset()
         llm.eval(w)
         logits = np.array(llm.scores[:n], dtype=np.float64)
-        if first is None:
-            first = logits.astype(np.float32)
+        every.append(logits.astype(np.float32))
         z = logits[:-1]
         lse = np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1)) + z.max(-1)
         total += float((lse - z[np.arange(n - 1), w[1:]]).sum())
         count += n - 1
     del llm
-    return math.exp(total / count), first  # type: ignore[return-value]
+    return math.exp(total / count), np.stack(every)
+
+
+def mean_kl(reference: np.ndarray, other: np.ndarray) -> float:
+    """Mean per-token KL(reference || other) of two logit arrays ``[..., vocab]`` (llama.cpp's
+    KLD statistic: at 4+ bits perplexity moves by noise, the divergence from float does not)."""
+
+    def log_softmax(z: np.ndarray) -> np.ndarray:
+        z = z.astype(np.float64) - z.max(-1, keepdims=True)
+        return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+    p, q = log_softmax(reference), log_softmax(other)
+    return float((np.exp(p) * (p - q)).sum(-1).mean())
 
 
 def llama_cpp_quantize(src: Path, dst: Path, ftype_name: str) -> None:
@@ -92,7 +104,11 @@ def main() -> int:
         windows = [r.tolist() for r in eval_rows]
         eval_batches = [{"input_ids": eval_rows[i : i + 16]} for i in range(0, len(eval_rows), 16)]
         float_ppl = perplexity(model, eval_batches)
-        rows.append((arch, "float (PyTorch)", "-", float("nan"), float_ppl, float("nan"), float("nan"), 0.0))
+        with torch.no_grad():
+            float_logits = np.concatenate([model(**b).logits.numpy() for b in eval_batches])
+        rows.append(
+            (arch, "float (PyTorch)", "-", float("nan"), float_ppl, float("nan"), float("nan"), 0.0, 0.0)
+        )
         files: list[tuple[str, Path, float]] = []
         for label, qtype, kw in [
             ("F16", "F16", {}),
@@ -122,19 +138,29 @@ def main() -> int:
                 mine = back(torch.tensor([windows[0]])).logits[0].numpy()
             size = path.stat().st_size
             gap = ppl_cpp / ppl_lowbit - 1
-            rows.append(
-                (arch, label, f"{size:,}", ppl_cpp, ppl_lowbit, gap, cosine(mine, logits_cpp), seconds)
+            kl = mean_kl(float_logits, logits_cpp)
+            row = (
+                arch,
+                label,
+                f"{size:,}",
+                ppl_cpp,
+                ppl_lowbit,
+                gap,
+                cosine(mine, logits_cpp[0]),
+                kl,
+                seconds,
             )
+            rows.append(row)
             print(f"{arch} {label}: llama.cpp ppl {ppl_cpp:.4f}, lowbit {ppl_lowbit:.4f}", file=sys.stderr)
     head = (
         "arch  | file                       | bytes      | llama.cpp ppl | lowbit ppl | gap     | logits cos "
-        "| export s"
+        "| KL vs float (llama.cpp) | export s"
     )
     print(head)
     print("-" * len(head))
-    for arch, label, size, pc, pl, gap, cos, sec in rows:
+    for arch, label, size, pc, pl, gap, cos, kl, sec in rows:
         cells = f"{arch:5} | {label:26} | {size:>10} | {pc:13.4f} | {pl:10.4f} | {gap:+7.2%} | {cos:10.6f}"
-        print(f"{cells} | {sec:8.1f}")
+        print(f"{cells} | {kl:23.6f} | {sec:8.1f}")
     print(f"(files in {out}; {len(windows)} held-out windows of {len(windows[0])} bytes)")
     return 0
 

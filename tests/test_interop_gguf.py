@@ -21,8 +21,18 @@ from lowbit.primitives import quantize  # noqa: E402
 
 
 def tiny_lm(arch: str, width: int = 64, seed: int = 0) -> torch.nn.Module:
-    """A held-out shape: not the zoo's, with a vocabulary past 256 ids and untied head."""
+    """A held-out shape: not the zoo's, with a vocabulary past 256 ids and untied head. Biases and
+    norms are randomised (a fresh model's are zeros and ones, which would hide a lost tensor)."""
     torch.manual_seed(seed)
+    model = _fresh_lm(arch, width)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def _fresh_lm(arch: str, width: int) -> torch.nn.Module:
     common = {"vocab_size": 300, "tie_word_embeddings": False, "use_cache": False}
     if arch == "gpt2":
         cfg = transformers.GPT2Config(n_layer=2, n_head=4, n_embd=width, n_positions=48, **common)

@@ -99,7 +99,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = Path(args.output).expanduser()
     if out.exists() and not args.force:
         raise CliError(f"{out} exists; pass --force to overwrite it", 2)
-    kind = args.format or ("gguf" if out.suffix == ".gguf" else "onnx" if out.suffix == ".onnx" else "hf")
+    kind = args.format or {".gguf": "gguf", ".onnx": "onnx", "": "hf"}.get(out.suffix)
+    if kind is None:
+        raise CliError(
+            f"-o {out}: give a file name ending in .onnx (ONNX) or .gguf (GGUF), or a directory for a "
+            "Hugging Face checkpoint (or say which with --format)",
+            2,
+        )
     if kind == "gguf":
         return _export_gguf(args, out)
     if kind == "hf":

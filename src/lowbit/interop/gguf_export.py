@@ -209,12 +209,14 @@ def quantize_for_gguf(
     algorithm: str = "rtn",
     *,
     output_qtype: str = "auto",
+    gptq: Any = None,
     progress: bool = True,
 ) -> nn.Module:
     """The lowbit model ``export_gguf`` writes for a float ``model`` and a grid ``qtype``
     (``Q8_0``, ``Q5_0``, ``Q4_0``): the linear layers quantized with ``algorithm``, the token
     embedding with round to nearest, the head with its own type's grid when that is one. Evaluate
-    it with lowbit, then ``export_gguf(qmodel, path)`` writes exactly these codes.
+    it with lowbit, then ``export_gguf(qmodel, path)`` writes exactly these codes. ``gptq`` is a
+    ``lowbit.recipes.GPTQOptions`` (act-order, damping...) for ``algorithm="gptq"``.
 
     >>> qmodel = quantize_for_gguf(model, "Q4_0", calibration=batches, algorithm="gptq")  # doctest: +SKIP
     """
@@ -253,7 +255,7 @@ def quantize_for_gguf(
             exclude.append(head)
     recipe = Recipe(
         name=f"gguf-{qtype.lower()}-{algorithm}", weight=spec(qtype), modules=("linear", "embedding"),
-        exclude=tuple(exclude), overrides=tuple(rules),
+        exclude=tuple(exclude), overrides=tuple(rules), **({"gptq": gptq} if gptq is not None else {}),
     )  # fmt: skip
     return lowbit.quantize(model, recipe, calibration=batches or None, progress=progress)
 

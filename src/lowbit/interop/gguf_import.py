@@ -102,11 +102,13 @@ def load_gguf(path: str | Path, *, kernels: str = "auto") -> nn.Module:
     if unknown:
         raise ArtifactError(f"{path}: tensors this {arch} model does not have: {', '.join(unknown[:5])}")
     notes: list[str] = []
-    for entry in wanted:
+    # Biases first: a quantized weight replaces its module, which takes the bias it holds then.
+    for entry in sorted(wanted, key=lambda e: e.attr != "bias"):
         if entry.name not in tensors:
             raise ArtifactError(f"{path}: tensor {entry.name} ({entry.hf_name}) is missing")
         _fill(model, entry, tensors[entry.name], path, notes)
     _tie_head(model)
+    model.eval()  # the replaced layers are new modules, built in training mode
     model.lowbit_import_notes = notes
     model.lowbit_recipe = None
     use_kernels(model, kernels)
