@@ -26,7 +26,7 @@ def tiny_lm(arch: str, width: int = 64, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = _fresh_lm(arch, width)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 1:
                 p.add_(torch.randn_like(p) * 0.1)
     return model
