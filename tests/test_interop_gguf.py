@@ -281,3 +281,87 @@ def test_cli_exports_a_hugging_face_directory(tmp_path, capsys) -> None:
     back = load_gguf(out, kernels="reference")
     assert back.model.layers[0].mlp.up_proj.qweight.fmt.name == "int8@fp16"
     assert main(["export", str(model_dir), "--qtype", "Q8_0", "-o", str(out)]) == 2  # exists: --force
+
+
+# --- vocabularies ----------------------------------------------------------------------------------------
+
+SAMPLE = (
+    "It was the best of times, it was the worst of times; it's the age of wisdom, isn't it?\n"
+    "Thou art fair, and Edward's children play — café, naïve, 日本, 123 456.\n"
+) * 40
+HELD_OUT = ["Hastings' and Rivers's children", "a naïve café\nover  two spaces", "x = 42; y's 日本語"]
+
+
+def trained_tokenizer(kind: str):  # type: ignore[no-untyped-def]
+    """A fast tokenizer trained here: GPT-2 byte-level BPE, or Llama-2-style SentencePiece BPE."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+
+    lines = [SAMPLE[i : i + 200] for i in range(0, len(SAMPLE), 200)]
+    if kind == "gpt2":
+        tok = tokenizers.Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+        trainer = trainers.BpeTrainer(
+            vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=alphabet
+        )
+        tok.train_from_iterator(lines, trainer)
+        return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    tok = tokenizers.Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    tok.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=500, special_tokens=specials))
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def model_for(tokenizer, arch: str) -> torch.nn.Module:  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        cfg = transformers.GPT2Config(
+            n_layer=1, n_head=2, n_embd=64, n_positions=64, vocab_size=len(tokenizer)
+        )
+        return transformers.GPT2LMHeadModel(cfg).eval()
+    cfg = transformers.LlamaConfig(
+        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, hidden_size=64,
+        intermediate_size=128, max_position_embeddings=64, vocab_size=len(tokenizer),
+    )  # fmt: skip
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize(("kind", "model_name", "pre"), [("gpt2", "gpt2", "gpt-2"), ("spm", "llama", None)])
+def test_tokenizers_are_written_as_llama_cpp_reads_them(tmp_path, kind: str, model_name: str, pre) -> None:
+    from lowbit.interop.gguf_import import open_reader, read_fields
+
+    tokenizer = trained_tokenizer(kind)
+    path = tmp_path / "t.gguf"
+    model = model_for(tokenizer, "gpt2" if kind == "gpt2" else "llama")
+    export_gguf(model, path, "Q8_0", tokenizer=tokenizer, progress=False)
+    fields = read_fields(open_reader(path))
+    assert fields["tokenizer.ggml.model"] == model_name
+    assert fields.get("tokenizer.ggml.pre") == (pre or "default")
+    vocab = tokenizer.get_vocab()
+    assert [vocab[t] for t in fields["tokenizer.ggml.tokens"][: len(vocab)]] == list(range(len(vocab)))
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    for line in HELD_OUT:
+        assert llm.tokenize(line.encode(), add_bos=False, special=False) == tokenizer(line).input_ids, line
+
+
+def test_a_pre_tokenizer_llama_cpp_would_split_differently_is_refused(tmp_path) -> None:
+    from tokenizers import Regex, pre_tokenizers
+
+    tokenizer = trained_tokenizer("gpt2")
+    tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(r"\d{1,3}"), "isolated"), pre_tokenizers.ByteLevel(use_regex=False)]
+    )
+    with pytest.raises(ModelError, match="tokenize differently"):
+        export_gguf(
+            model_for(tokenizer, "gpt2"), tmp_path / "x.gguf", "Q8_0", tokenizer=tokenizer, progress=False
+        )
+    assert not list(tmp_path.iterdir())

@@ -2,15 +2,18 @@
 
 Two sources:
 
-* a Hugging Face fast tokenizer whose model is byte-level BPE (GPT-2, Llama 3, Qwen, ...): its
-  tokens in id order, its merges, its special tokens, as ``tokenizer.ggml.model = "gpt2"``;
+* a Hugging Face fast tokenizer whose model is byte-level BPE with GPT-2's pre-tokenizer: its
+  tokens in id order, its merges, its special tokens, as ``tokenizer.ggml.model = "gpt2"``
+  (pre-tokenizer ``gpt-2``); other pre-tokenizer regexes (Llama 3, Qwen) are refused, since
+  llama.cpp would split text differently;
+* a SentencePiece-style BPE tokenizer (``▁`` for spaces, ``<0xNN>`` byte fallback: Llama 2,
+  Mistral) as ``tokenizer.ggml.model = "llama"`` with scores from the merge order;
 * no tokenizer (a byte-level model such as lowbit's tiny LMs, token id = byte): the 256 byte
   tokens spelled as GPT-2's byte-to-unicode table spells them, no merges, so llama.cpp's BPE
   tokenizer maps every byte to its own id. Ids past 255 become unused control tokens, because
   llama.cpp takes the vocabulary size from the token list and checks it against the embedding.
 
-SentencePiece (``tokenizer.model``) vocabularies are not written yet: pass a fast tokenizer, or
-none and feed token ids.
+Slow SentencePiece tokenizers (``tokenizer.model`` only) are not read: load the fast one.
 
 >>> tokens = byte_tokens(258)
 >>> tokens[ord("A")], tokens[32], tokens[257]
@@ -84,11 +87,14 @@ def write_vocab(writer: Any, vocab_size: int, tokenizer: Any | None = None, conf
         )
     spec = json.loads(backend.to_str())
     model = spec.get("model", {})
+    if model.get("type") == "BPE" and model.get("byte_fallback"):
+        return _write_sentencepiece_bpe(writer, vocab_size, tokenizer, spec)
     if model.get("type") != "BPE":
         raise ModelError(
             f"GGUF export writes byte-level BPE tokenizers; this one is {model.get('type')!r} "
             "(SentencePiece / WordPiece vocabularies are not supported yet)"
         )
+    pre = _gpt2_pre_tokenizer(spec.get("pre_tokenizer"))
     vocab: dict[str, int] = dict(model["vocab"])
     for added in spec.get("added_tokens", []):
         vocab[added["content"]] = added["id"]
@@ -106,7 +112,7 @@ def write_vocab(writer: Any, vocab_size: int, tokenizer: Any | None = None, conf
     ]
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
+    writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
@@ -116,3 +122,76 @@ def write_vocab(writer: Any, vocab_size: int, tokenizer: Any | None = None, conf
             add(int(value))
     writer.add_add_bos_token(False)
     return f"byte-level BPE from {type(tokenizer).__name__} ({len(tokens)} tokens, {len(merges)} merges)"
+
+
+def _gpt2_pre_tokenizer(pre: dict[str, Any] | None) -> str:
+    """llama.cpp's name for a byte-level BPE tokenizer's pre-tokenizer, or ``ModelError``.
+
+    llama.cpp splits text with one of its built-in regexes, chosen by name; writing the wrong one
+    tokenizes differently without any error, so only GPT-2's own (``ByteLevel`` with its regex)
+    is written; custom ``Split`` regexes (Llama 3, Qwen, ...) are refused.
+    """
+    steps = [] if pre is None else pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    if len(steps) == 1 and steps[0].get("type") == "ByteLevel" and steps[0].get("use_regex", True):
+        return "gpt-2"
+    kinds = ", ".join(str(p.get("type")) for p in steps) or "none"
+    raise ModelError(
+        f"GGUF export: this byte-level BPE tokenizer pre-splits text with {kinds}; llama.cpp would "
+        "split it with another regex and tokenize differently. Supported: GPT-2's ByteLevel "
+        "pre-tokenizer and SentencePiece-style BPE (Llama 2, Mistral); or pass tokenizer=None and "
+        "feed token ids"
+    )
+
+
+def _write_sentencepiece_bpe(writer: Any, vocab_size: int, tokenizer: Any, spec: dict[str, Any]) -> str:
+    """A Llama / Mistral style tokenizer (BPE over ``▁``-joined text with ``<0xNN>`` byte fallback)
+    as llama.cpp's ``llama`` (SentencePiece) vocabulary.
+
+    llama.cpp's SentencePiece tokenizer merges the adjacent pair whose merged token scores highest;
+    BPE applies the earliest-learned merge first, and a BPE vocabulary numbers tokens in the order
+    its merges were learned, so the score of a token is minus its id (the base alphabet and byte
+    tokens get the lowest score: they are never the product of a merge).
+    """
+    import re
+
+    import gguf
+
+    vocab: dict[str, int] = dict(spec["model"]["vocab"])
+    added = {a["content"]: a for a in spec.get("added_tokens", [])}
+    for text, a in added.items():
+        vocab[text] = a["id"]
+    size = max(vocab_size, max(vocab.values()) + 1)
+    by_id = {i: t for t, i in vocab.items()}
+    merged = {m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])}
+    products = {a.replace(" ", "", 1) if isinstance(a, str) else "".join(a) for a in merged}
+    tokens, scores, types = [], [], []
+    for i in range(size):
+        text = by_id.get(i)
+        if text is None:
+            tokens.append(f"<unused_{i}>")
+            scores.append(-1e9)
+            types.append(gguf.TokenType.UNUSED)
+            continue
+        tokens.append(text)
+        scores.append(-float(i) if text in products else -1e9)
+        if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", text):
+            types.append(gguf.TokenType.BYTE)
+        elif text in added and added[text].get("special"):
+            types.append(gguf.TokenType.CONTROL)
+        elif text in added:
+            types.append(gguf.TokenType.USER_DEFINED)
+        else:
+            types.append(gguf.TokenType.NORMAL)
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    ids = (("bos_token_id", writer.add_bos_token_id), ("eos_token_id", writer.add_eos_token_id),
+           ("unk_token_id", writer.add_unk_token_id))  # fmt: skip
+    for attr, add in ids:
+        value = getattr(tokenizer, attr, None)
+        if value is not None:
+            add(int(value))
+    writer.add_add_bos_token(False)
+    return f"SentencePiece-style BPE from {type(tokenizer).__name__} ({len(tokens)} tokens, byte fallback)"
