@@ -365,3 +365,17 @@ def test_a_pre_tokenizer_llama_cpp_would_split_differently_is_refused(tmp_path) 
             model_for(tokenizer, "gpt2"), tmp_path / "x.gguf", "Q8_0", tokenizer=tokenizer, progress=False
         )
     assert not list(tmp_path.iterdir())
+
+
+def test_cli_inspects_a_gguf_file(tmp_path, capsys) -> None:
+    from lowbit.cli import main
+
+    path = tmp_path / "m.gguf"
+    export_gguf(tiny_lm("gpt2", width=256), path, "Q4_K", progress=False)
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "Q4_K" in out and "blk.0.attn_qkv.weight" in out and "as float values" in out
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(path.read_bytes()[:1000])
+    assert main(["inspect", str(bad)]) == 1
+    assert str(bad) in capsys.readouterr().err

@@ -40,6 +40,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from lowbit.report import text_table
 
     path = Path(args.dir)
+    if path.is_file() and path.suffix == ".gguf":
+        return _inspect_gguf(args, path)
     if not path.is_dir():
         raise CliError(
             f"artifact directory {path} does not exist; give the folder 'lowbit quantize -o' wrote", 2
@@ -169,3 +171,42 @@ def _export_hf(args: argparse.Namespace, out: Path) -> int:
         raise CliError(str(err), 2) from None
     _out(args, f"wrote {out}\n{report.summary()}", report)
     return 0 if report.ok else 1
+
+
+def _inspect_gguf(args: argparse.Namespace, path: Path) -> int:
+    """``lowbit inspect model.gguf``: every tensor's GGUF type, shape and bytes, then the file read
+    back as a lowbit model (what becomes packed lowbit weights, what float values)."""
+    from lowbit.errors import ArtifactError
+    from lowbit.report import text_table
+
+    gguf_import = _optional("lowbit.interop.gguf_import", "load_gguf", "inspect")
+    module = __import__("lowbit.interop.gguf_import", fromlist=["open_reader", "read_fields"])
+    try:
+        reader = module.open_reader(path)
+        fields = module.read_fields(reader)
+        model = gguf_import(path, kernels="reference")
+    except ArtifactError as err:
+        raise CliError(str(err), 1) from None
+    rows, total = [], 0
+    for t in reader.tensors:
+        shape = "x".join(str(int(d)) for d in reversed(t.shape.tolist()))
+        rows.append([t.name, t.tensor_type.name, shape, f"{int(t.n_elements):,}", f"{int(t.n_bytes):,}"])
+        total += int(t.n_bytes)
+    params = sum(int(t.n_elements) for t in reader.tensors)
+    packed = sum(1 for m in model.modules() if hasattr(m, "qweight"))
+    notes = list(getattr(model, "lowbit_import_notes", []))
+    lines = [
+        f"GGUF {path}: {fields.get('general.architecture')} ({fields.get('general.name', '?')}), "
+        f"{path.stat().st_size:,} bytes, vocabulary {fields.get('tokenizer.ggml.model', '?')} "
+        f"({len(fields.get('tokenizer.ggml.tokens') or [])} tokens)",
+        "",
+        text_table(["tensor", "type", "shape", "params", "bytes"], rows),
+        "",
+        f"total: {params:,} parameters, {total:,} tensor bytes, {total * 8 / max(params, 1):.4f} bits/param",
+        f"read back by lowbit: {packed} packed quantized layers (the file's own codes), "
+        f"{len(notes)} tensors as float values",
+    ]
+    lines += [f"  - {n}" for n in notes]
+    data = {"path": str(path), "tensors": rows, "parameters": params, "tensor_bytes": total, "notes": notes}
+    _out(args, "\n".join(lines), data)
+    return 0

@@ -140,8 +140,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipes", required=True, help="comma-separated preset names or YAML files")
     eval_args(p)
 
-    p = verb("inspect", cmd_inspect, "show and verify what an artifact stores", "lowbit inspect out/")
-    p.add_argument("dir", metavar="DIR", help="artifact directory (lowbit.json + model.safetensors)")
+    p = verb(
+        "inspect",
+        cmd_inspect,
+        "show and verify what an artifact (or a GGUF file) stores",
+        "lowbit inspect out/",
+    )
+    p.add_argument(
+        "dir", metavar="DIR", help="artifact directory (lowbit.json + model.safetensors) or FILE.gguf"
+    )
     p.add_argument(
         "--allow-unsealed", action="store_true", help="also read lowbit 0.1 artifacts (no lowbit.sha256)"
     )
