@@ -178,10 +178,8 @@ def main() -> None:
         main_ops = {k: v for k, v in sorted(ops.items()) if "Conv" in k or k in ("QLinearAdd", "Gemm")}
         print(f"ORT {label} graph after optimization: {main_ops}")
     print()
-    print(
-        "| batch | PyTorch float ms | lowbit PyTorch ms | speed-up | ORT float ms | lowbit ONNX ms "
-        "| speed-up | cosine lowbit PT | cosine lowbit ONNX | ORT quantize_static ms (cosine) |"
-    )
+    print("| batch | PyTorch float ms | lowbit PyTorch ms | speed-up | ORT float ms | lowbit ONNX ms "
+          "| speed-up | cosine lowbit PT | cosine lowbit ONNX | ORT quantize_static ms (cosine) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for batch in args.batches:
         x = images(batch, args.size, seed=999)

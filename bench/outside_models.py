@@ -206,28 +206,12 @@ def yolos(size: str = "small") -> Built:
 
     torch.manual_seed(0)
     if size == "small":
-        cfg = YolosConfig(
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=64,
-            image_size=[32, 32],
-            patch_size=8,
-            num_detection_tokens=5,
-            num_labels=3,
-        )
+        cfg = YolosConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                          image_size=[32, 32], patch_size=8, num_detection_tokens=5, num_labels=3)
         shape = (2, 32)
     else:
-        cfg = YolosConfig(
-            hidden_size=192,
-            num_hidden_layers=4,
-            num_attention_heads=3,
-            intermediate_size=768,
-            image_size=[64, 64],
-            patch_size=8,
-            num_detection_tokens=20,
-            num_labels=10,
-        )
+        cfg = YolosConfig(hidden_size=192, num_hidden_layers=4, num_attention_heads=3, intermediate_size=768,
+                          image_size=[64, 64], patch_size=8, num_detection_tokens=20, num_labels=10)
         shape = (4, 64)
     model = _no_zero_tables(YolosForObjectDetection(cfg).eval(), cfg.initializer_range)
     # Output: class logits per detection token (the main output; top-1 = the class of each box).

@@ -910,16 +910,8 @@ def m_xz_coding(w: Work, d: Draw) -> str:
         same_size += [["runs", bits, (zero + 1) % (1 << bits), *coding[3:]]]
         if bits < 8:
             same_size.append(["runs", bits + 1, zero, *coding[3:]])
-    others = [
-        ["raw"],
-        ["planes", max(coding[1] - 1, 0)] if coding[0] == "planes" else ["planes", width],
-        ["runs", 4, 0, 0, 0],
-        ["planes", width + 1],
-        ["runs", 9, 0, 1, 1],
-        ["raw", 1],
-        ["zip"],
-        [],
-    ]
+    others = [["raw"], ["planes", max(coding[1] - 1, 0)] if coding[0] == "planes" else ["planes", width],
+              ["runs", 4, 0, 0, 0], ["planes", width + 1], ["runs", 9, 0, 1, 1], ["raw", 1], ["zip"], []]
     new = d.choice(same_size) if same_size and d.integer(0, 3) > 0 else d.choice(others)
     if d.integer(0, 4) == 0 and len(rows) > 1:  # or swap the codings of two tensors of one dtype
         other = d.choice([k for k in sorted(rows) if k != key])

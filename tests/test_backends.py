@@ -42,15 +42,9 @@ CASES = [
     ("fbgemm-dynamic", Recipe(weight=WeightSpec(format="int8"), activation=_DYN_TENSOR)),
     ("torch-int8pack-bf16", Recipe(weight=WeightSpec(format="int8"))),
     ("torch-int8pack-bf16", Recipe(weight=WeightSpec(format="int4", granularity="channel"))),
-    (
-        "torch-int4pack-bf16",
-        Recipe(weight=WeightSpec(format="uint4", granularity="group:32", symmetric=False)),
-    ),  # noqa: E501
+    ("torch-int4pack-bf16", Recipe(weight=WeightSpec(format="uint4", granularity="group:32", symmetric=False))),  # noqa: E501
     ("torch-int4pack-bf16", Recipe(weight=WeightSpec(format="int4", granularity="group:64"))),
-    (
-        "torch-int4pack-bf16",
-        Recipe(weight=WeightSpec(format="uint4", granularity="group:128", symmetric=False)),
-    ),  # noqa: E501
+    ("torch-int4pack-bf16", Recipe(weight=WeightSpec(format="uint4", granularity="group:128", symmetric=False))),  # noqa: E501
 ]
 
 

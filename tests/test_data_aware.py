@@ -165,10 +165,8 @@ def test_data_aware_presets_keep_embeddings_and_the_output_head_at_int8(arch, ca
     assert "output head (lm_head) kept at int8" in capsys.readouterr().err
     assert q.lowbit_recipe.embeddings_and_head == "recipe"  # the choice is explicit in the artifact
     kept_float = lowbit.quantize(
-        model,
-        dataclasses.replace(lowbit.recipes.get("int4-gptq"), embeddings_and_head="float"),
-        calibration=calibration,
-        progress=False,
+        model, dataclasses.replace(lowbit.recipes.get("int4-gptq"), embeddings_and_head="float"),
+        calibration=calibration, progress=False,
     )
     assert type(kept_float.lm_head) is nn.Linear and type(kept_float.get_input_embeddings()) is nn.Embedding
 

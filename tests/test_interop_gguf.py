@@ -379,3 +379,16 @@ def test_cli_inspects_a_gguf_file(tmp_path, capsys) -> None:
     bad.write_bytes(path.read_bytes()[:1000])
     assert main(["inspect", str(bad)]) == 1
     assert str(bad) in capsys.readouterr().err
+
+
+def test_a_tied_head_is_written_once_and_tied_again(tmp_path) -> None:
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=64, n_positions=32, vocab_size=256)
+    model = transformers.GPT2LMHeadModel(config).eval()  # ties lm_head to the token embedding
+    assert model.lm_head.weight is model.transformer.wte.weight
+    path = tmp_path / "tied.gguf"
+    report = export_gguf(model, path, "Q8_0", progress=False)
+    assert "output.weight" not in {t.name for t in report.tensors}
+    back = load_gguf(path, kernels="reference")
+    assert back.lm_head.qweight is back.transformer.wte.qweight
+    assert report.logits_cosine > 0.99999

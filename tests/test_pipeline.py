@@ -291,7 +291,7 @@ def test_large_data_free_weights_quantize_in_row_chunks_with_the_same_bytes(monk
         assert a.state_dict().keys() == b.state_dict().keys()
         for key, value in b.state_dict().items():
             assert torch.equal(a.state_dict()[key], value), (layer.name, key)
-        ((m, value),) = expected.effective
+        (m, value), = expected.effective
         assert torch.equal(layer.module.weight.detach().reshape(value.shape), value), layer.name
 
 

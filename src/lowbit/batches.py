@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import inspect
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import torch
 from torch import nn
 
 _LIST_TYPES = ("list", "List", "Sequence", "Iterable")
@@ -66,3 +67,26 @@ def call_model(model: nn.Module, batch: Any) -> Any:
     """Call ``model`` on one batch by the convention above (gradients are not disabled here)."""
     args, kwargs = call_args(model, batch)
     return model(*args, **kwargs)
+
+
+def run_with_pre_hooks(
+    model: nn.Module, batches: Iterable[Any], hooks: dict[nn.Module, Callable[..., Any]]
+) -> None:
+    """Run ``model`` on every batch without gradients, with each ``hooks[module]`` as a forward
+    pre-hook of its module; the hooks are removed afterwards, also when a batch fails.
+
+    >>> import torch
+    >>> seen = []
+    >>> lin = torch.nn.Linear(2, 2)
+    >>> run_with_pre_hooks(lin, [torch.ones(1, 2)], {lin: lambda m, args: seen.append(args[0].shape)})
+    >>> seen
+    [torch.Size([1, 2])]
+    """
+    handles = [module.register_forward_pre_hook(hook) for module, hook in hooks.items()]
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                call_model(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -177,14 +177,13 @@ def _inspect_gguf(args: argparse.Namespace, path: Path) -> int:
     """``lowbit inspect model.gguf``: every tensor's GGUF type, shape and bytes, then the file read
     back as a lowbit model (what becomes packed lowbit weights, what float values)."""
     from lowbit.errors import ArtifactError
+    from lowbit.interop.gguf_import import load_gguf, open_reader, read_fields
     from lowbit.report import text_table
 
-    gguf_import = _optional("lowbit.interop.gguf_import", "load_gguf", "inspect")
-    module = __import__("lowbit.interop.gguf_import", fromlist=["open_reader", "read_fields"])
     try:
-        reader = module.open_reader(path)
-        fields = module.read_fields(reader)
-        model = gguf_import(path, kernels="reference")
+        reader = open_reader(path)
+        fields = read_fields(reader)
+        model = load_gguf(path, kernels="reference")
     except ArtifactError as err:
         raise CliError(str(err), 1) from None
     rows, total = [], 0

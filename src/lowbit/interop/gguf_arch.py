@@ -173,6 +173,7 @@ def entries(model: nn.Module, family: Family) -> list[Entry]:
     n_layer = config.n_layer if family.arch == "gpt2" else config.num_hidden_layers
     names = gguf.get_tensor_name_map(gguf_arch(family), n_layer)
     tied = bool(getattr(config, "tie_word_embeddings", False))
+    head = model.get_output_embeddings() if tied else None
     out: list[Entry] = []
     seen: set[int] = set()
     for hf_name, module in model.named_modules():
@@ -181,7 +182,7 @@ def entries(model: nn.Module, family: Family) -> list[Entry]:
             if not _holds(module, attr):
                 continue
             tensor_id = id(_storage_of(module, attr))
-            if tied and hf_name.endswith("lm_head") or tensor_id in seen:
+            if module is head or tensor_id in seen:
                 continue  # a tied head reads token_embd; llama.cpp does the same without output.weight
             seen.add(tensor_id)
             gguf_name = names.get_name(key, try_suffixes=(".weight", ".bias"))

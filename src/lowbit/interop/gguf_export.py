@@ -40,10 +40,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from lowbit.batches import run_with_pre_hooks
 from lowbit.errors import ArtifactError, DataError, ModelError
 from lowbit.interop import gguf_blocks as blocks
 from lowbit.interop.gguf_arch import Entry, entries, family_of, write_hparams
 from lowbit.interop.gguf_vocab import write_vocab
+from lowbit.nn.layers import QuantizedLinear, is_hf_conv1d, linear_weight
 
 GRID_FORMATS = {"Q8_0": "int8@fp16", "Q5_0": "gguf_q5_0", "Q4_0": "gguf_q4_0"}
 ALGORITHMS = ("rtn", "gptq", "awq")
@@ -261,16 +263,12 @@ def quantize_for_gguf(
 
 
 def _float_rows_of(model: nn.Module, name: str) -> torch.Tensor:
-    from lowbit.nn.layers import linear_weight
-
     return linear_weight(model.get_submodule(name))
 
 
 def _importance(model: nn.Module, batches: list[Any]) -> dict[int, np.ndarray]:
     """Mean squared input of every linear layer (by module identity) over ``batches``: the
     importance matrix llama.cpp's ``imatrix`` tool collects."""
-    from lowbit.batches import call_model
-
     sums: dict[int, torch.Tensor] = {}
     counts: dict[int, int] = {}
 
@@ -280,18 +278,8 @@ def _importance(model: nn.Module, batches: list[Any]) -> dict[int, np.ndarray]:
         sums[key] = sums.get(key, 0) + (x * x).sum(0)
         counts[key] = counts.get(key, 0) + x.shape[0]
 
-    handles = [
-        m.register_forward_pre_hook(hook)
-        for m in model.modules()
-        if isinstance(m, nn.Linear) or type(m).__name__ in ("Conv1D", "QuantizedLinear")
-    ]
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                call_model(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
+    linears = [m for m in model.modules() if isinstance(m, (nn.Linear, QuantizedLinear)) or is_hf_conv1d(m)]
+    run_with_pre_hooks(model, batches, {m: hook for m in linears})
     return {k: (sums[k] / counts[k]).cpu().numpy() for k in sums}
 
 
@@ -300,8 +288,8 @@ def _float_rows(entry: Entry) -> np.ndarray:
     module = entry.module
     if entry.attr == "weight" and hasattr(module, "qweight"):
         t = module.qweight.dequantize()
-    elif entry.attr == "weight" and type(module).__name__ == "Conv1D":
-        t = module.weight.detach().t()
+    elif entry.attr == "weight" and is_hf_conv1d(module):
+        t = linear_weight(module)
     else:
         t = getattr(module, entry.attr).detach()
     return t.float().cpu().numpy()

@@ -34,6 +34,7 @@ from torch import nn
 from lowbit.errors import ArtifactError, ModelError
 from lowbit.interop import gguf_blocks as blocks
 from lowbit.interop.gguf_arch import Entry, config_from_gguf, entries, family_of, inverse_rows
+from lowbit.nn.layers import is_hf_conv1d
 
 MAGIC = b"GGUF"
 GRID_OF = {"Q8_0": "int8@fp16", "Q5_0": "gguf_q5_0", "Q4_0": "gguf_q4_0"}
@@ -143,7 +144,7 @@ def _expected_shape(entry: Entry) -> tuple[int, ...]:
     if entry.attr == "bias":
         return tuple(module.bias.shape)
     w = module.weight
-    return tuple(w.t().shape) if type(module).__name__ == "Conv1D" else tuple(w.shape)
+    return tuple(w.t().shape) if is_hf_conv1d(module) else tuple(w.shape)
 
 
 def _fill(model: nn.Module, entry: Entry, tensor: Any, path: str | Path, notes: list[str]) -> None:
@@ -180,7 +181,7 @@ def _fill(model: nn.Module, entry: Entry, tensor: Any, path: str | Path, notes: 
     target = getattr(entry.module, entry.attr)
     t = torch.from_numpy(np.ascontiguousarray(values)).to(target.dtype)
     with torch.no_grad():
-        target.copy_(t.t() if type(entry.module).__name__ == "Conv1D" and entry.attr == "weight" else t)
+        target.copy_(t.t() if is_hf_conv1d(entry.module) and entry.attr == "weight" else t)
 
 
 def _grid_weight(data: np.ndarray, qtype: str, shape: tuple[int, ...]):  # type: ignore[no-untyped-def]

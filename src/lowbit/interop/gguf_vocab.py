@@ -59,13 +59,7 @@ def write_vocab(writer: Any, vocab_size: int, tokenizer: Any | None = None, conf
     import gguf
 
     if tokenizer is None:
-        for attr, add in (
-            ("bos_token_id", writer.add_bos_token_id),
-            ("eos_token_id", writer.add_eos_token_id),
-        ):
-            value = getattr(config, attr, None)
-            if isinstance(value, int) and 0 <= value < vocab_size:
-                add(value)
+        _add_special_ids(writer, config, vocab_size)
         tokens = byte_tokens(vocab_size)
         types = [gguf.TokenType.NORMAL] * 256 + [gguf.TokenType.UNUSED] * (vocab_size - 256)
         writer.add_tokenizer_model("gpt2")
@@ -116,12 +110,21 @@ def write_vocab(writer: Any, vocab_size: int, tokenizer: Any | None = None, conf
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
-    for attr, add in (("bos_token_id", writer.add_bos_token_id), ("eos_token_id", writer.add_eos_token_id)):
-        value = getattr(tokenizer, attr, None)
-        if value is not None:
-            add(int(value))
+    _add_special_ids(writer, tokenizer, size)
     writer.add_add_bos_token(False)
     return f"byte-level BPE from {type(tokenizer).__name__} ({len(tokens)} tokens, {len(merges)} merges)"
+
+
+def _add_special_ids(writer: Any, source: Any, vocab_size: int, unk: bool = False) -> None:
+    """BOS / EOS (and UNK) ids of ``source`` (a tokenizer or a model config), where it has them
+    inside the vocabulary."""
+    adders = {"bos_token_id": writer.add_bos_token_id, "eos_token_id": writer.add_eos_token_id}
+    if unk:
+        adders["unk_token_id"] = writer.add_unk_token_id
+    for attr, add in adders.items():
+        value = getattr(source, attr, None)
+        if isinstance(value, int) and 0 <= value < vocab_size:
+            add(value)
 
 
 def _gpt2_pre_tokenizer(pre: dict[str, Any] | None) -> str:
@@ -187,11 +190,6 @@ def _write_sentencepiece_bpe(writer: Any, vocab_size: int, tokenizer: Any, spec:
     writer.add_token_list(tokens)
     writer.add_token_scores(scores)
     writer.add_token_types(types)
-    ids = (("bos_token_id", writer.add_bos_token_id), ("eos_token_id", writer.add_eos_token_id),
-           ("unk_token_id", writer.add_unk_token_id))  # fmt: skip
-    for attr, add in ids:
-        value = getattr(tokenizer, attr, None)
-        if value is not None:
-            add(int(value))
+    _add_special_ids(writer, tokenizer, size, unk=True)
     writer.add_add_bos_token(False)
     return f"SentencePiece-style BPE from {type(tokenizer).__name__} ({len(tokens)} tokens, byte fallback)"

@@ -47,7 +47,7 @@ from torch import nn
 from lowbit import formats
 from lowbit.algorithms.rtn import choose_weight_qparams
 from lowbit.algorithms.smoothquant import smoothquant_scales
-from lowbit.batches import call_model
+from lowbit.batches import call_model, run_with_pre_hooks
 from lowbit.granularity import PerToken, parse
 from lowbit.nn.activation import ActivationQuantizer
 from lowbit.primitives import dequantize, quantize
@@ -230,14 +230,7 @@ def measure_activation_plan(
 
         return pre
 
-    handles = [layer.module.register_forward_pre_hook(hook(i)) for i, layer in enumerate(layers)]
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                call_model(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
+    run_with_pre_hooks(model, batches, {layer.module: hook(i) for i, layer in enumerate(layers)})
     for gi, g in enumerate(groups):
         members = []
         for i in g:
