@@ -7,8 +7,10 @@ A format is a small frozen dataclass, never a class hierarchy. Each ``family`` h
 - ``int``: affine integers ``intN`` / ``uintN`` (``qmin..qmax``, scale and zero point).
 - ``float``: ``fp16`` / ``bf16``, a plain cast (no scale).
 - ``grid``: a fixed, sorted table of values times a per-block scale: ``fp8_e4m3``, ``fp8_e5m2``,
-  ``fp4_e2m1``, ``nf4``, ``log2_<bits>``, ``binary``, ``ternary``. Sign-magnitude grids round ties to
-  the even magnitude code, which is exactly IEEE round-to-nearest-even for the minifloats.
+  ``fp4_e2m1``, ``nf4``, ``log2_<bits>``, ``binary``, ``ternary``; the microscaling formats
+  ``mxfp4`` / ``mxfp6_*`` / ``mxfp8`` (e8m0 power-of-two scales) and ``nvfp4`` (e4m3 scales).
+  Sign-magnitude grids round ties to the even magnitude code, which is exactly IEEE
+  round-to-nearest-even for the minifloats.
 - ``codebook``: a grid learned from the data per block: ``kmeans_<bits>``, ``quantile_<bits>``.
 - ``vector``: product quantization ``pq`` / ``pq_<bits>x<dim>`` (a codebook of sub-vectors).
 
@@ -49,7 +51,9 @@ class Format:
             grid value), ``mean_abs`` (binary, optimal L2 for sign), ``twn`` (ternary weight networks),
             ``signed_absmax`` (integers: the value of largest magnitude maps exactly onto ``qmin``,
             the scale taking the sign that puts it there, so all ``2**bits`` codes are steps of
-            ``amax / |qmin|``: llama.cpp's ``Q4_0`` / ``Q5_0`` rule).
+            ``amax / |qmin|``: llama.cpp's ``Q4_0`` / ``Q5_0`` rule), ``pow2_floor`` (OCP MX: the
+            power of two ``2**(floor(log2 amax) - emax)``, ``emax`` the grid's largest exponent;
+            values above the grid saturate).
         torch_dtype: ``float`` family: the torch dtype to cast to.
         learner: ``codebook`` / ``vector``: ``kmeans`` or ``quantile``.
         vector_dim: ``vector`` family: sub-vector length.
@@ -57,6 +61,9 @@ class Format:
             every scale is rounded to that type when chosen, so the codes are computed against the
             scale a runtime that stores 16-bit scales will use (GGUF's blocks, compressed-tensors'
             fp16 checkpoints). Named ``<base>@fp16`` / ``<base>@bf16``, e.g. ``int4@fp16``.
+            ``torch.float8_e8m0fnu`` (MX: powers of two, one byte) and ``torch.float8_e4m3fn``
+            (NVFP4: e4m3 times one float32 power of two per tensor) are the microscaling formats'
+            (``lowbit.codecs.scales``). Scales are stored in this type.
     """
 
     name: str
@@ -186,19 +193,41 @@ def pq_format(bits: int = 8, dim: int = 4) -> Format:
     return Format(f"pq_{bits}x{dim}", "vector", bits, learner="kmeans", vector_dim=dim)
 
 
+_E2M1 = minifloat_magnitudes(2, 1, 1, 6.0)
+_E4M3 = minifloat_magnitudes(4, 3, 7, 448.0)  # e4m3 "fn": no infinities, the all-ones code is NaN
+_E5M2 = minifloat_magnitudes(5, 2, 15, 57344.0)
+
+
+def _mx(name: str, bits: int, magnitudes: tuple[float, ...]) -> Format:
+    return Format(
+        name,
+        "grid",
+        bits,
+        grid=magnitudes,
+        sign_magnitude=True,
+        scale_rule="pow2_floor",
+        scale_dtype=torch.float8_e8m0fnu,
+    )
+
+
 _FIXED: dict[str, Format] = {
     "fp16": Format("fp16", "float", 16, torch_dtype=torch.float16),
     "bf16": Format("bf16", "float", 16, torch_dtype=torch.bfloat16),
-    # e4m3 "fn": no infinities, the all-ones code is NaN, so the largest finite value is 448.
-    "fp8_e4m3": Format("fp8_e4m3", "grid", 8, grid=minifloat_magnitudes(4, 3, 7, 448.0), sign_magnitude=True),
-    "fp8_e5m2": Format(
-        "fp8_e5m2", "grid", 8, grid=minifloat_magnitudes(5, 2, 15, 57344.0), sign_magnitude=True
-    ),
-    "fp4_e2m1": Format("fp4_e2m1", "grid", 4, grid=minifloat_magnitudes(2, 1, 1, 6.0), sign_magnitude=True),
+    "fp8_e4m3": Format("fp8_e4m3", "grid", 8, grid=_E4M3, sign_magnitude=True),
+    "fp8_e5m2": Format("fp8_e5m2", "grid", 8, grid=_E5M2, sign_magnitude=True),
+    "fp4_e2m1": Format("fp4_e2m1", "grid", 4, grid=_E2M1, sign_magnitude=True),
     "nf4": Format("nf4", "grid", 4, grid=nf4_values()),
     "binary": Format("binary", "grid", 1, grid=(-1.0, 1.0), scale_rule="mean_abs"),
     "ternary": Format("ternary", "grid", 2, grid=(-1.0, 0.0, 1.0), scale_rule="twn"),
     "pq": pq_format(8, 4),
+    # OCP Microscaling (MX v1.0): minifloat elements, one e8m0 power of two per block of 32 (the
+    # block is the recipe's granularity, group:32); NVFP4: e2m1 elements, an e4m3 scale per 16.
+    "mxfp4": _mx("mxfp4", 4, _E2M1),
+    "mxfp6_e2m3": _mx("mxfp6_e2m3", 6, minifloat_magnitudes(2, 3, 1, 7.5)),
+    "mxfp6_e3m2": _mx("mxfp6_e3m2", 6, minifloat_magnitudes(3, 2, 3, 28.0)),
+    "mxfp8": _mx("mxfp8", 8, _E4M3),
+    "mxfp8_e5m2": _mx("mxfp8_e5m2", 8, _E5M2),
+    "nvfp4": Format("nvfp4", "grid", 4, grid=_E2M1, sign_magnitude=True, scale_dtype=torch.float8_e4m3fn),
     # llama.cpp's Q4_0 / Q5_0 grids: signed codes, the largest magnitude on qmin, fp16 scales.
     "gguf_q4_0": Format(
         "gguf_q4_0", "int", 4, True, -8, 7, scale_rule="signed_absmax", scale_dtype=torch.float16
@@ -275,6 +304,7 @@ def names() -> list[str]:
     out += [f"log2_{b}" for b in range(2, 9)]
     out += [f"kmeans_{b}" for b in range(1, 9)] + [f"quantile_{b}" for b in range(1, 9)]
     out += ["pq", "gguf_q4_0", "gguf_q5_0"]
+    out += ["mxfp4", "mxfp6_e2m3", "mxfp6_e3m2", "mxfp8", "mxfp8_e5m2", "nvfp4"]
     return out + list(_REGISTERED)
 
 

@@ -85,7 +85,7 @@ def _uint8_activation(layer: Any, modes: tuple[str, ...], granularities: tuple[t
 
 def _per_channel_scale(qw: Any) -> torch.Tensor:
     """Weight scales as one float32 per output row (per-tensor scales broadcast)."""
-    return qw.scale.float().reshape(-1).expand(qw.shape[0]).contiguous()
+    return qw.scale_values().reshape(-1).expand(qw.shape[0]).contiguous()
 
 
 def _int8_codes(qw: Any) -> torch.Tensor:
@@ -300,7 +300,7 @@ class Int4PackKernel(Kernel):
         n, k = qw.shape
         group = _group_size(qw)
         codes = qw.codes().reshape(n, k).to(torch.int32)
-        scale = qw.scale.float().reshape(n, k // group)
+        scale = qw.scale_values().reshape(n, k // group)
         if qw.fmt.signed:
             codes = codes + 8  # signed 4-bit -> [0, 15]; value = (u - 8) * scale
             zero = torch.zeros_like(scale)

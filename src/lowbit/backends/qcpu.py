@@ -166,7 +166,7 @@ def q4_params(layer: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int
     group = _group_size(qw)
     qmin = int(qw.fmt.qmin)
     codes = qw.codes().reshape(n, k).to(torch.int32) - qmin
-    scale = qw.scale.float().reshape(n, k // group)
+    scale = qw.scale_values().reshape(n, k // group)
     zp = getattr(qw, "zero_point", None)
     zero = torch.zeros_like(scale) if zp is None else zp.to(torch.float32).reshape(n, k // group)
     return codes, scale, (scale * (zero - qmin)).contiguous(), group

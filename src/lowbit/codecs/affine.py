@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from lowbit import packing
-from lowbit.codecs.base import EPS, BlockCodec, QParams, register, round_scale, widen_range
+from lowbit.codecs.base import EPS, BlockCodec, QParams, register, widen_range
+from lowbit.codecs.scales import round_scale
 from lowbit.granularity import expand_params, from_blocks, to_blocks
 
 if TYPE_CHECKING:

@@ -16,9 +16,9 @@ A codec knows everything one family does with numbers, in four groups:
 ``lowbit.nn.qweight`` stores what the codec says. A new family is one file with one subclass and
 one ``register`` call (plus its import in ``lowbit/codecs/__init__.py`` when it is built in).
 
-This module is a leaf: it imports torch, ``granularity`` and ``packing`` only. Codecs read the
-fields of a ``lowbit.formats.Format`` but never import ``formats`` at run time (``formats``
-asks this registry which families exist).
+This module is a leaf: it imports torch, ``granularity``, ``packing`` and ``codecs.scales`` only.
+Codecs read the fields of a ``lowbit.formats.Format`` but never import ``formats`` at run time
+(``formats`` asks this registry which families exist).
 
 >>> import torch, lowbit.formats as F
 >>> codec_for(F.get("nf4")).family, codec_for(F.get("int4")).code_dtype(F.get("int4"))
@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from lowbit import packing
+from lowbit.codecs.scales import scale_buffers, stored_scale_params
 from lowbit.granularity import block_dims, blocked_shape, from_blocks, to_blocks
 
 if TYPE_CHECKING:
@@ -170,7 +171,7 @@ class Codec:
 
     def param_buffers(self, qparams: QParams, fmt: Format, device: torch.device) -> dict[str, torch.Tensor]:
         """Name -> tensor of every parameter buffer, in storage order (``state_dict`` order)."""
-        out = {"scale": qparams.scale.float().to(device).contiguous()}
+        out = scale_buffers(qparams.scale.to(device), fmt)
         if qparams.zero_point is not None:
             out["zero_point"] = qparams.zero_point.to(device).to(self.code_dtype(fmt)).contiguous()
         if qparams.codebook is not None:
@@ -182,7 +183,7 @@ class Codec:
     ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Name -> (shape, dtype) of the parameter buffers a weight of ``shape`` stores."""
         bshape = blocked_shape(shape, block)
-        out: dict[str, tuple[tuple[int, ...], torch.dtype]] = {"scale": (bshape, torch.float32)}
+        out = stored_scale_params(fmt, bshape)
         if has_zero_point:
             out["zero_point"] = (bshape, self.code_dtype(fmt))
         return out
@@ -275,22 +276,6 @@ class BlockCodec(Codec):
         lo = xb.amin(dim=dims) * clip_ratio
         hi = xb.amax(dim=dims) * clip_ratio
         return self.from_range(lo, hi, fmt, block, symmetric)
-
-
-def round_scale(scale: torch.Tensor, fmt: Format) -> torch.Tensor:
-    """``scale`` rounded to ``fmt.scale_dtype`` (kept float32), or unchanged when that is ``None``.
-
-    Scales stay non-zero and finite: their magnitude is clamped into the 16-bit type's range
-    first (its smallest subnormal up to its largest value), so a tiny block never gets a zero
-    scale; the sign is kept (``signed_absmax`` scales can be negative).
-    """
-    if fmt.scale_dtype is None:
-        return scale
-    info = torch.finfo(fmt.scale_dtype)
-    smallest = info.smallest_normal * info.eps  # the smallest positive subnormal
-    scale = scale.float()
-    magnitude = scale.abs().clamp(min=smallest, max=info.max)
-    return torch.where(scale < 0, -magnitude, magnitude).to(fmt.scale_dtype).float()
 
 
 def widen_range(

@@ -13,11 +13,13 @@ XNOR-Net's mean |x| (``mean_abs``, binary) or TWN's mean of the values above 0.7
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
 
-from lowbit.codecs.base import EPS, BlockCodec, QParams, register, round_scale, widen_range
+from lowbit.codecs.base import EPS, BlockCodec, QParams, register, widen_range
+from lowbit.codecs.scales import has_tensor_scale, pow2_floor, round_scale
 from lowbit.granularity import block_dims, expand_params, from_blocks, to_blocks
 
 if TYPE_CHECKING:
@@ -34,6 +36,12 @@ class FixedGridCodec(BlockCodec):
         if fmt.scale_rule == "mean_abs" or fmt.scale_rule == "twn":
             scale = _mean_abs_scale(x, xb, block, block_dims(x.dim()), twn=fmt.scale_rule == "twn")
             return QParams(round_scale(torch.clamp(scale * clip_ratio, min=EPS), fmt), None, block)
+        if has_tensor_scale(fmt):
+            # The tensor's power of two from its unclipped range: every clip candidate shares it.
+            largest = x.detach().abs().amax().float() / fmt.grid_max
+            lo = xb.amin(dim=block_dims(x.dim())) * clip_ratio if x.dim() else x.float() * clip_ratio
+            hi = xb.amax(dim=block_dims(x.dim())) * clip_ratio if x.dim() else x.float() * clip_ratio
+            return QParams(self._scale(widen_range(lo, hi)[2], fmt, largest), None, block)
         return self.range_qparams(x, xb, fmt, block, symmetric, clip_ratio)
 
     def from_range(
@@ -45,7 +53,14 @@ class FixedGridCodec(BlockCodec):
         symmetric: bool,
     ) -> QParams:
         _, _, amax = widen_range(min_val, max_val)
-        return QParams(round_scale(torch.clamp(amax / fmt.grid_max, min=EPS), fmt), None, block)
+        return QParams(self._scale(amax, fmt), None, block)
+
+    def _scale(self, amax: torch.Tensor, fmt: Format, largest: torch.Tensor | None = None) -> torch.Tensor:
+        """The scale of blocks whose largest magnitude is ``amax``, as the format stores it."""
+        if fmt.scale_rule == "pow2_floor":
+            # OCP MX: the element format's largest exponent (e2m1: 6 = 1.5 * 2**2 -> 2).
+            return pow2_floor(amax, int(math.floor(math.log2(fmt.grid_max))))
+        return round_scale(torch.clamp(amax / fmt.grid_max, min=EPS), fmt, largest)
 
     def encode_blocks(self, xb: torch.Tensor, fmt: Format, qparams: QParams, ndim: int) -> torch.Tensor:
         return round_to_grid(xb / expand_params(qparams.scale, ndim), fmt)

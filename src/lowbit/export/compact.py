@@ -61,7 +61,7 @@ def tensor_role(key: str, quantized: dict[str, QuantizedModule]) -> tuple[str, s
             last = leaf.rsplit(".", 1)[-1]
             if leaf.startswith("input_quant."):
                 return f"activation_{last}", name
-            if last in ("packed", "scale", "zero_point", "codebook", "input_smooth"):
+            if last in ("packed", "scale", "tensor_scale", "zero_point", "codebook", "input_smooth"):
                 return last, name
             return "float", name
     return "float", None

@@ -45,7 +45,7 @@ TENSOR_DTYPES = (
     "bool",
 )
 TENSOR_ROLES = (
-    "packed", "scale", "zero_point", "codebook", "input_smooth", "float",
+    "packed", "scale", "tensor_scale", "zero_point", "codebook", "input_smooth", "float",
     "activation_scale", "activation_zero_point",
 )  # fmt: skip
 MODULE_KINDS = ("linear", "conv", "embedding", "rnn")

@@ -246,7 +246,7 @@ def _smooth(b: Builder, layer: QuantizedModule, x: str, prefix: str, channel_axi
 def _row_params(qw: QuantizedWeight) -> tuple[np.ndarray, np.ndarray | None]:
     """Per-output-row scale ``[N]`` and zero point (codes' dtype) for per-channel / per-tensor weights."""
     rows = qw.shape[0]
-    scale = qw.scale.float().reshape(-1)
+    scale = qw.scale_values().reshape(-1)
     scale = scale.expand(rows) if scale.numel() == 1 else scale
     zp = getattr(qw, "zero_point", None)
     if zp is not None:
@@ -363,7 +363,7 @@ def _code_stretch(qw: QuantizedWeight) -> int:
     k = 1
     while lo <= 2 * k * fmt.qmin and 2 * k * fmt.qmax <= hi and fmt.qmax > 0:
         k *= 2
-    if k > 1 and float(qw.scale.float().abs().min()) / k < float(np.finfo(np.float32).tiny):
+    if k > 1 and float(qw.scale_values().abs().min()) / k < float(np.finfo(np.float32).tiny):
         return 1
     return k
 
@@ -579,7 +579,7 @@ def nbits_tensors(qw: QuantizedWeight) -> tuple[np.ndarray, np.ndarray, np.ndarr
         scale = torch.as_tensor(_row_params(qw)[0]).reshape(n, 1).expand(n, blocks)
         zpv = None if zp is None else torch.as_tensor(_row_params(qw)[1]).reshape(n, 1).expand(n, blocks)
     else:
-        scale = qw.scale.float().reshape(n, -1)[:, :blocks]
+        scale = qw.scale_values().reshape(n, -1)[:, :blocks]
         zpv = None if zp is None else zp.reshape(n, -1)[:, :blocks]
     zpu = (torch.zeros(n, blocks, dtype=torch.int32) if zpv is None else zpv.to(torch.int32)) - qw.fmt.qmin
     padded = torch.zeros(n, blocks * block, dtype=torch.int32)

@@ -107,7 +107,7 @@ def ct_codes(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 def ct_scale(qw: QuantizedWeight, args: QuantizationArgs) -> torch.Tensor:
     """lowbit's float32 scales laid out as compressed-tensors': ``[1]``, ``[out, 1]``, ``[out, groups]``."""
-    scale = qw.scale.float()
+    scale = qw.scale_values()
     return scale.reshape(1) if args.strategy == QuantizationStrategy.TENSOR.value else scale
 
 

@@ -94,7 +94,7 @@ def exact_reason(qweight, qtype: str) -> str | None:  # type: ignore[no-untyped-
     cols, group = qweight.shape[1], qweight.block[1]
     if cols % BLOCK or group % BLOCK:
         return f"{qtype} blocks are {BLOCK} inputs; this weight has {cols} inputs in groups of {group}"
-    scale = qweight.scale.float()
+    scale = qweight.scale_values()
     if not torch.equal(scale.half().float(), scale):
         return f"{qtype} stores fp16 scales; these are float32 (quantize with {fmt.name}@fp16)"
     return None
@@ -108,7 +108,7 @@ def exact_blocks(qweight, qtype: str) -> np.ndarray:  # type: ignore[no-untyped-
         raise ArtifactError(f"cannot write these weights as {qtype} exactly: {reason}")
     rows, cols = qweight.shape
     codes = qweight.codes().to(torch.int16).cpu().numpy()  # signed codes, [rows, cols]
-    scale = qweight.scale.float().cpu().numpy().reshape(rows, -1)  # one per group
+    scale = qweight.scale_values().cpu().numpy().reshape(rows, -1)  # one per group
     per_block = np.repeat(scale, qweight.block[1] // BLOCK, axis=1)  # [rows, cols / 32]
     d = per_block.astype(np.float16).reshape(rows, -1, 1).view(np.uint8)  # 2 bytes per block
     stored = (codes + EXACT_GRIDS[qtype][2]).reshape(rows, cols // BLOCK, BLOCK)

@@ -9,7 +9,9 @@ Buffers (the ``state_dict`` keys under the module's name):
 
 ==============  ======================================================================
 ``packed``      uint8 bit-packed codes (``lowbit.packing``), or the fp16 / bf16 tensor itself
-``scale``       float32, one per block (absent for float casts and product quantization)
+``scale``       one per block (absent for float casts and product quantization): float32, or the
+                format's ``scale_dtype`` (fp16 / bf16; MX e8m0 and NVFP4 e4m3 as their bytes)
+``tensor_scale``  NVFP4: the float32 power of two the e4m3 block scales are multiplied by
 ``zero_point``  asymmetric integer formats: zero points in the code dtype, one per block
 ``codebook``    codebook formats: ``[*blocks, 2**bits]``; product quantization: ``[subspaces, 2**bits, dim]``
 ==============  ======================================================================
@@ -34,6 +36,7 @@ from torch import nn
 from lowbit import formats
 from lowbit import granularity as gran
 from lowbit.codecs import codec_for
+from lowbit.codecs.scales import scale_from_buffers
 from lowbit.formats import Format
 from lowbit.granularity import Granularity
 from lowbit.primitives import QParams, check_finite, dequantize, quantize
@@ -139,11 +142,21 @@ class QuantizedWeight(nn.Module):
         """Number of stored codes (values, or sub-vectors for product quantization)."""
         return codec_for(self.fmt).code_count(self.fmt, self.shape)
 
+    def scale_values(self) -> torch.Tensor:
+        """Float32 scales, one per block, whatever type they are stored in (float32, fp16, bf16,
+        MX e8m0 bytes, NVFP4 e4m3 bytes times the tensor's scale); ones when nothing is stored.
+
+        >>> qw = QuantizedWeight.from_float(torch.randn(4, 32), "mxfp4", "group:32")
+        >>> qw.scale.dtype, qw.scale_values().dtype
+        (torch.uint8, torch.float32)
+        """
+        if getattr(self, "scale", None) is None:
+            return torch.ones((), device=self.packed.device)
+        return scale_from_buffers(dict(self.named_buffers()), self.fmt)
+
     def qparams(self) -> QParams:
         """The ``QParams`` these buffers describe (for ``lowbit.primitives.dequantize``)."""
-        scale = getattr(self, "scale", None)
-        if scale is None:
-            scale = torch.ones((), device=self.packed.device)
+        scale = self.scale_values()
         zp = getattr(self, "zero_point", None)
         block = codec_for(self.fmt).stored_block(self.fmt, self.shape, self.block)
         return QParams(

@@ -31,6 +31,7 @@ from lowbit.algorithms.awq import awq_search_clip, awq_search_scales
 from lowbit.algorithms.gptq import gptq_quantize, reconstruction_error
 from lowbit.algorithms.rtn import choose_weight_qparams
 from lowbit.algorithms.smoothquant import smoothquant_scales
+from lowbit.codecs.scales import has_tensor_scale
 from lowbit.granularity import PerChannel, PerGroup, PerTensor, block_shape, parse
 from lowbit.nn.layers import is_hf_conv1d, quantize_weight
 from lowbit.nn.qweight import QuantizedWeight
@@ -237,7 +238,8 @@ def _rtn_in_chunks(layer: LayerPlan, m: Matrix, spec: WeightSpec, what: str) -> 
         return None
     full = p.detach().reshape(p.shape[0], -1)
     rows, cols = full.shape
-    if fmt.family not in ("int", "grid") or block_shape(g, (rows, cols))[0] != 1:
+    # Formats with one scale per tensor (NVFP4's power of two) need the whole tensor at once.
+    if fmt.family not in ("int", "grid") or block_shape(g, (rows, cols))[0] != 1 or has_tensor_scale(fmt):
         return None
     step = max(1, RTN_CHUNK_ELEMENTS // cols)
     codes = torch.empty(rows, cols, dtype=fmt.code_dtype, device=full.device)  # filled chunk by chunk

@@ -34,6 +34,7 @@ from lowbit import formats, observers
 from lowbit import granularity as gran
 from lowbit.algorithms.rtn import choose_weight_qparams
 from lowbit.codecs import codec_for
+from lowbit.codecs.scales import round_scale
 from lowbit.granularity import expand_params, from_blocks, to_blocks
 from lowbit.primitives import EPS, QParams, dequantize, fake_quantize, qparams_from_range, quantize
 from lowbit.recipes.spec import ActivationSpec, WeightSpec
@@ -108,7 +109,8 @@ class WeightFakeQuant(nn.Module):
         if not self.lsq:
             return self._choose(weight.detach())
         zp = getattr(self, "zero_point", None)
-        return QParams(self.scale.detach().clamp(min=EPS), zp, self.block)
+        # Rounded as the format stores scales (int4@fp16: fp16), so convert packs what is stored.
+        return QParams(round_scale(self.scale.detach().clamp(min=EPS), self.fmt), zp, self.block)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         qp = self.qparams(weight)

@@ -119,6 +119,24 @@ PRESETS: dict[str, Recipe] = {
         ),
         _weights("NormalFloat-4 grid (QLoRA), groups of 64", "nf4", format="nf4", granularity="group:64"),
         _weights("fp8 e4m3 weights with a per-channel scale", "fp8", format="fp8_e4m3"),
+        _weights(
+            "MXFP4 (OCP microscaling): fp4 e2m1 weights, an e8m0 power-of-two scale per 32 (4.25 bits)",
+            "mxfp4-weight-only",
+            format="mxfp4",
+            granularity="group:32",
+        ),
+        _weights(
+            "MXFP8 (OCP microscaling): fp8 e4m3 weights, an e8m0 power-of-two scale per 32 (8.25 bits)",
+            "mxfp8-weight-only",
+            format="mxfp8",
+            granularity="group:32",
+        ),
+        _weights(
+            "NVFP4: fp4 e2m1 weights, an fp8 e4m3 scale per 16 and one float32 per tensor (4.5 bits)",
+            "nvfp4-weight-only",
+            format="nvfp4",
+            granularity="group:16",
+        ),
         _weights("fp16 weights (plain cast)", "fp16", format="fp16", granularity="tensor"),
         _weights("bfloat16 weights (plain cast)", "bf16", format="bf16", granularity="tensor"),
         _weights(
