@@ -22,6 +22,7 @@ __all__ = [
     "ArtifactError",
     "DataError",
     "DistillationLoss",
+    "KVCache",
     "ModelError",
     "Recipe",
     "RecipeError",
@@ -60,6 +61,11 @@ def __getattr__(name: str) -> object:
         from lowbit.interop import gguf_export
 
         return getattr(gguf_export, name)
+    # The KV cache is a transformers Cache: transformers is imported on use.
+    if name == "KVCache":
+        from lowbit.kvcache import KVCache
+
+        return KVCache
     if name == "save_pretrained":
         from lowbit.interop.compressed_tensors import save_pretrained
 

@@ -31,6 +31,7 @@ from lowbit.ptq.fidelity import measure as measure_fidelity
 from lowbit.ptq.modifiers import DATA_AWARE, check_sequence
 from lowbit.ptq.pipeline import calibrate_weights
 from lowbit.ptq.plan import plan_model
+from lowbit.ptq.rotate import rotate_inputs
 from lowbit.recipes import resolve
 from lowbit.recipes.spec import Recipe
 from lowbit.size import size_report
@@ -92,7 +93,8 @@ def quantize(
         # Not inplace: ``model`` becomes a folded copy, the float reference fidelity compares with.
         model, folded = fold_batchnorm(model, example, inplace=inplace)
     plan = None
-    measured = recipe.activation_plan == "measured" and bool(calibration)
+    # Rotated inputs are not measured yet: the activations stay as the recipe writes them.
+    measured = recipe.activation_plan == "measured" and bool(calibration) and recipe.rotation == "none"
     if measured:  # the measurement runs the model: the same checks as calibration, done once
         check_model(model, plan_model(model, recipe), recipe.allow_saturation, whole_model=True)
         check_calibration(calibration)  # type: ignore[arg-type]
@@ -115,6 +117,9 @@ def quantize(
     work, extra, result = model, {}, None
     if steps or edges:
         work = model if inplace else copy.deepcopy(model)
+        if recipe.rotation != "none":  # before calibration: statistics and GPTQ see rotated inputs
+            names = [layer.name for layer in plan_model(work, recipe).layers if layer.kind == "linear"]
+            rotate_inputs(work, names, recipe.rotation_seed)
         # ``work`` is swapped for the quantized layers below: its float weights can go stage by stage.
         result = calibrate_weights(
             work,

@@ -170,6 +170,10 @@ def _with_bias(layer: Any, kernel: Any) -> Any:
 
 
 def _smoothed(layer: Any, x: torch.Tensor) -> torch.Tensor:
+    """What the kernel computes on: the input rotated and smoothed as ``run_kernel`` does."""
+    rotation = getattr(layer, "input_rotation", None)
+    if rotation is not None:
+        x = rotation(x)
     smooth = getattr(layer, "input_smooth", None)
     return x if smooth is None else x / layer._broadcast_smooth(smooth, x)
 

@@ -208,7 +208,34 @@ def _rebuild_layer(model: nn.Module, name: str, entry: dict[str, Any]) -> None:
             or entry["config"].get("input_size")
         )
         qmodule.set_input_smooth(torch.ones(int(width)))
+    if entry.get("input_rotation"):
+        _empty_rotation(qmodule, name, entry)
     set_submodule(model, name, qmodule)
+
+
+def _empty_rotation(qmodule: nn.Module, name: str, entry: dict[str, Any]) -> None:
+    """Shapes of the layer's input rotation, checked against its width before allocating."""
+    from lowbit.algorithms.rotation import HadamardRotation
+
+    size, odd = entry["input_rotation"]
+    width = entry["config"].get("in_features") or entry["config"].get("nx")
+    if size != width:
+        raise ArtifactError(f"layer {name!r}: input rotation of width {size} for a layer of width {width}")
+    try:
+        qmodule.set_input_rotation(HadamardRotation.empty(size, odd))
+    except ValueError as err:
+        raise ArtifactError(f"layer {name!r}: {err}") from None
+
+
+def _check_rotations(model: nn.Module, directory: Any) -> None:
+    """The loaded rotations are rotations (signs +-1, an orthogonal odd factor), or refuse."""
+    for name, module in model.named_modules():
+        rotation = getattr(module, "input_rotation", None)
+        if isinstance(module, QuantizedModule) and rotation is not None:
+            try:
+                rotation.check(f"layer {name!r}")
+            except ValueError as err:
+                raise ArtifactError(f"{directory}: {err}") from None
 
 
 def _fold_like(model: nn.Module, manifest: dict[str, Any], directory: Any) -> None:
@@ -268,6 +295,7 @@ def load(
     tensors = read_tensors(directory, manifest, max_decoded_bytes=1 << 62)
     device = next((t.device for t in model.state_dict().values()), torch.device("cpu"))
     model.load_state_dict({k: v.to(device) for k, v in tensors.items()}, strict=True)
+    _check_rotations(model, directory)
     if recipe is not None:
         model.lowbit_recipe = recipe
     if manifest.get("folded_batchnorm"):

@@ -61,6 +61,8 @@ def tensor_role(key: str, quantized: dict[str, QuantizedModule]) -> tuple[str, s
             last = leaf.rsplit(".", 1)[-1]
             if leaf.startswith("input_quant."):
                 return f"activation_{last}", name
+            if leaf.startswith("input_rotation."):
+                return "input_rotation", name
             if last in ("packed", "scale", "tensor_scale", "zero_point", "codebook", "input_smooth"):
                 return last, name
             return "float", name

@@ -45,7 +45,7 @@ TENSOR_DTYPES = (
     "bool",
 )
 TENSOR_ROLES = (
-    "packed", "scale", "tensor_scale", "zero_point", "codebook", "input_smooth", "float",
+    "packed", "scale", "tensor_scale", "zero_point", "codebook", "input_smooth", "input_rotation", "float",
     "activation_scale", "activation_zero_point",
 )  # fmt: skip
 MODULE_KINDS = ("linear", "conv", "embedding", "rnn")
@@ -82,6 +82,7 @@ Name = Annotated[str, Field(max_length=MAX_NAME)]
 Short = Annotated[str, Field(max_length=64)]
 Count = Annotated[StrictInt, Field(ge=0, le=1 << 50)]
 Dim = Annotated[StrictInt, Field(ge=0, le=1 << 40)]
+Width = Annotated[StrictInt, Field(ge=1, le=1 << 20)]
 Shape = Annotated[list[Dim], Field(max_length=MAX_DIMS), AfterValidator(_shape)]
 FormatName = Annotated[str, Field(max_length=32), AfterValidator(_format_name)]
 GranularityText = Annotated[str, Field(max_length=32), AfterValidator(_granularity)]
@@ -125,6 +126,8 @@ class LayerEntry(_Strict):
     weights: dict[Name, WeightEntry] = Field(min_length=1, max_length=64)
     activation: ActivationEntry | None
     input_smooth: StrictBool
+    # [width, odd factor] of a HadamardRotation applied to the input (absent: none).
+    input_rotation: Annotated[list[Width], Field(min_length=2, max_length=2)] | None = None
     backend: Short
 
 

@@ -126,12 +126,15 @@ class _LayerOp(torch.autograd.Function):
     """Runs the quantized layer while tracing; exports as one ``lowbit::Layer`` node."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, index: int, marker: _Marker) -> torch.Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx: Any, x: torch.Tensor, index: int, marker: _Marker, raw: torch.Tensor | None = None
+    ) -> torch.Tensor:
         # Run the reference layer untraced: only its output matters, the exported node is ours.
+        # ``raw``: the layer's own input when ``x`` is it already rotated (the layer rotates itself).
         state = torch._C._get_tracing_state()
         torch._C._set_tracing_state(None)
         try:
-            out = marker.layer[0](x)
+            out = marker.layer[0](x if raw is None else raw)
         finally:
             torch._C._set_tracing_state(state)
         marker.out_shape = tuple(out.shape)
@@ -140,7 +143,7 @@ class _LayerOp(torch.autograd.Function):
         return out
 
     @staticmethod
-    def symbolic(g: Any, x: Any, index: int, marker: _Marker) -> Any:
+    def symbolic(g: Any, x: Any, index: int, marker: _Marker, raw: Any = None) -> Any:
         y = g.op("lowbit::Layer", x, index_i=index)
         # Rank and feature size keep the exporter's shape inference going past our custom node; the
         # other dims stay unknown, else the exporter would bake the traced batch / sequence in.
@@ -172,6 +175,9 @@ class _Marker(nn.Module):
             return getattr(self.__dict__["layer"][0], name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rotation = getattr(self.layer[0], "input_rotation", None)
+        if rotation is not None:  # traced as plain ONNX ops (Walsh-Hadamard butterflies, MatMul)
+            return _LayerOp.apply(rotation(x), self.index, self, x)
         return _LayerOp.apply(x, self.index, self)
 
 

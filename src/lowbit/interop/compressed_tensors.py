@@ -88,6 +88,12 @@ def _plan(qmodel: nn.Module) -> list[_Layer]:
                 f"{what} divides its input by a SmoothQuant / AWQ scale, which compressed-tensors has no "
                 "tensor for; quantize without smoothquant / awq to export this model"
             )
+        if getattr(module, "input_rotation", None) is not None:
+            raise ArtifactError(
+                f"{what} rotates its input (recipe rotation: hadamard); this exporter writes no online "
+                "rotation, so the checkpoint would compute a different function: quantize without "
+                "rotation to export, or use lowbit.save / lowbit.export_onnx"
+            )
         weights = ct_schemes.weight_args(module.qweight, what)
         inputs = ct_schemes.activation_args(module.input_quant, what)
         out.append(_Layer(name, module, weights, inputs))

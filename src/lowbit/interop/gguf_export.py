@@ -389,3 +389,10 @@ def _write_file(model, family, path: Path, qtype: str, written: list[Written], t
 def _check_model(model: nn.Module) -> None:
     if not isinstance(model, nn.Module) or not hasattr(model, "config"):
         raise ModelError("export_gguf takes a transformers causal LM (a model with a .config)")
+    rotated = [n for n, m in model.named_modules() if getattr(m, "input_rotation", None) is not None]
+    if rotated:
+        raise ArtifactError(
+            f"layer {rotated[0]} (and {len(rotated) - 1} more) rotates its input (recipe rotation: "
+            "hadamard); llama.cpp runs no per-layer rotation, so the file would compute a different "
+            "function: quantize without rotation for GGUF"
+        )

@@ -4,6 +4,9 @@ A quantized layer holds one or more ``QuantizedWeight`` (packed storage), float 
 optional ``ActivationQuantizer`` for its input. An optional per-input-channel ``input_smooth``
 divisor implements SmoothQuant / AWQ: the input is divided by it and the weight was multiplied by
 it before quantization, so the float product is unchanged while outliers move into the weight.
+An optional ``input_rotation`` (``lowbit.algorithms.rotation.HadamardRotation``, applied first)
+rotates the input by the orthogonal matrix the stored weight was multiplied by (QuaRot-style
+outlier spreading).
 
 Its forward is the *reference* path (dequantize the weight, run the float op: exactly the fake-quant
 simulation, what every fast path is checked against) until ``set_kernel`` attaches a real kernel
@@ -13,6 +16,7 @@ faster than float. Kernels run inference only: with autograd recording, the refe
 
 from __future__ import annotations
 
+import copy
 from typing import Any, ClassVar
 
 import torch
@@ -68,6 +72,7 @@ class QuantizedModule(nn.Module):
             None if kernel is None else kernel.device,
             getattr(self, "input_smooth", None),
             getattr(self, "bias", None),
+            getattr(self, "input_rotation", None),
         )
 
     def run_kernel(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -76,9 +81,11 @@ class QuantizedModule(nn.Module):
         kernel = self._kernel
         if kernel is None:
             return None
-        device, smooth, bias = self._kernel_extras
+        device, smooth, bias, rotation = self._kernel_extras
         if x.device != device or not x.is_floating_point() or (x.requires_grad and torch.is_grad_enabled()):
             return None
+        if rotation is not None:
+            x = rotation(x)
         if smooth is not None:
             x = x / self._broadcast_smooth(smooth, x)
         y = kernel(x)
@@ -119,7 +126,14 @@ class QuantizedModule(nn.Module):
         else:
             self.register_buffer("input_smooth", divisor.detach().float().clone())
 
+    def set_input_rotation(self, rotation: nn.Module | None) -> None:
+        """Rotate inputs by ``rotation`` (a ``HadamardRotation``; the weight holds ``W R``) first."""
+        self.input_rotation = None if rotation is None else copy.deepcopy(rotation)
+
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        rotation = getattr(self, "input_rotation", None)
+        if rotation is not None:
+            x = rotation(x)
         smooth = getattr(self, "input_smooth", None)
         if smooth is not None:
             x = x / self._broadcast_smooth(smooth, x)
@@ -154,6 +168,7 @@ class QuantizedModule(nn.Module):
             "weights": {name: qw.manifest() for name, qw in self.quantized_weights().items()},
             "activation": None if self.input_quant is None else self.input_quant.manifest(),
             "input_smooth": getattr(self, "input_smooth", None) is not None,
+            **_rotation_entry(getattr(self, "input_rotation", None)),
             # What the artifact stores runs on the reference path anywhere; kernels are chosen per
             # machine when it is loaded.
             "backend": "reference",
@@ -168,3 +183,8 @@ class QuantizedModule(nn.Module):
     @property
     def weight_params(self) -> int:
         return sum(qw.numel for qw in self.quantized_weights().values())
+
+
+def _rotation_entry(rotation: Any) -> dict[str, Any]:
+    # Written only for rotated layers: other artifacts keep exactly their old bytes.
+    return {} if rotation is None else {"input_rotation": [rotation.size, rotation.odd_size]}

@@ -36,6 +36,8 @@ from lowbit.nn.layers import QUANTIZED_CLASSES
 from lowbit.nn.qweight import QuantizedWeight
 from lowbit.ptq.checks import check_calibration, check_model
 from lowbit.ptq.plan import plan_model
+from lowbit.ptq.rotate import ATTRIBUTE as ROTATION_ATTRIBUTE
+from lowbit.ptq.rotate import rotate_inputs
 from lowbit.recipes import resolve
 from lowbit.recipes.spec import Recipe
 from lowbit.zoo.base import call_model
@@ -80,6 +82,9 @@ def prepare(
         )
     weights = weights or {}
     input_smooth = input_smooth or {}
+    if recipe.rotation != "none":  # data-aware callers rotated the layers already: skipped then
+        linears = [layer.name for layer in plan.layers if layer.kind == "linear"]
+        rotate_inputs(model, linears, recipe.rotation_seed)
     for layer in plan.layers:
         assert layer.weight is not None
         cls = QUANTIZED_CLASSES[layer.kind]
@@ -87,6 +92,7 @@ def prepare(
         qmodule.set_activation(layer.activation, layer.name)
         if layer.name in input_smooth:
             qmodule.set_input_smooth(input_smooth[layer.name])
+        qmodule.set_input_rotation(getattr(layer.module, ROTATION_ATTRIBUTE, None))
         set_submodule(model, layer.name, qmodule)
     model.lowbit_recipe = recipe  # recorded in the artifact
     return model

@@ -26,6 +26,7 @@ ACTIVATION_MODES = ("none", "dynamic", "static")
 WEIGHT_ALGORITHMS = ("rtn", "mse", "gptq", "awq", "smoothquant", "bias_correction")
 EDGE_POLICIES = ("recipe", "int8", "float")
 ACTIVATION_PLANS = ("fixed", "measured")
+ROTATIONS = ("none", "hadamard")
 GPTQ_OBSERVERS = ("minmax", "mse")
 AWQ_SEARCHES = ("layer", "module", "parent", "stage")
 
@@ -240,6 +241,14 @@ class Recipe:
             data, each group of linear layers with per-token dynamic activations is measured and
             switched to the faster per-tensor form on a SmoothQuant-ed input where that costs at
             most 1.5x the per-token error (``lowbit.ptq.activation_plan``); without data, as written.
+        rotation: ``none`` or ``hadamard``: every quantized linear layer's input is rotated by a
+            random Hadamard matrix ``R`` drawn from ``rotation_seed`` (``lowbit.ptq.rotate``), its
+            weight stored as ``W R``: the same function in float, with activation and weight
+            outliers spread over all channels (QuaRot; for W4A4 / W4A8). No data needed; composes
+            with every weight algorithm (GPTQ's Hessian is of the rotated inputs).
+            With ``activation_plan: measured`` the activations stay as written (the plan is not
+            measured on rotated inputs yet).
+        rotation_seed: the seed the rotations are drawn from.
 
     Every field is type-checked (strictly: ``symmetric: 'no'`` is not ``False``, a string is not a
     list); any problem raises ``lowbit.errors.RecipeError`` (a ``ValueError``) naming the key.
@@ -262,6 +271,8 @@ class Recipe:
     gptq: GPTQOptions = field(default_factory=GPTQOptions)
     awq: AWQOptions = field(default_factory=AWQOptions)
     activation_plan: str = "fixed"
+    rotation: str = "none"
+    rotation_seed: int = 0
     version: int = RECIPE_VERSION
 
     def __post_init__(self) -> None:
@@ -271,6 +282,7 @@ class Recipe:
             _check_choice("module kind", kind, MODULE_KINDS)
         _check_choice("embeddings_and_head", self.embeddings_and_head, EDGE_POLICIES)
         _check_choice("activation_plan", self.activation_plan, ACTIVATION_PLANS)
+        _check_choice("rotation", self.rotation, ROTATIONS)
         if self.version != RECIPE_VERSION:
             raise ValueError(
                 f"recipe version {self.version} is not supported (this lowbit reads {RECIPE_VERSION})"
@@ -314,6 +326,8 @@ class Recipe:
                 del d[key]
         if self.activation_plan == "fixed":
             del d["activation_plan"]
+        if self.rotation == "none":  # as for the options above: old recipes keep their dict
+            del d["rotation"], d["rotation_seed"]
         return d
 
     @classmethod
