@@ -149,8 +149,8 @@ def test_calibrated_qat_model_starts_as_the_same_recipe_ptq_model(
 
 def test_calibrate_initialises_ranges_without_touching_batchnorm(gen: torch.Generator) -> None:
     model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
-    with pytest.warns(UserWarning, match="fold_batchnorm"):
-        q = qat.prepare(model, qat.recipe(8))
+    q = qat.prepare(model, qat.recipe(8), progress=False)  # never-trained statistics: kept training
+    assert type(q[1]) is nn.BatchNorm1d
     running = q[1].running_mean.clone()
     qat.calibrate(q, [torch.randn(8, 4, generator=gen)])
     assert torch.equal(q[1].running_mean, running)
@@ -179,6 +179,7 @@ def test_fold_batchnorm_preserves_eval_output(gen: torch.Generator) -> None:
     reference = model.eval()(x)
     folded = qat.fold_batchnorm(model)
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules())
+    assert folded.lowbit_folded == {"1": "0", "5": "4"}  # the Linear -> BatchNorm1d pair too
     torch.testing.assert_close(folded(x), reference, rtol=1e-5, atol=1e-5)
     assert isinstance(model[1], nn.BatchNorm2d)  # the original is untouched
 

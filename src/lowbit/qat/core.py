@@ -26,6 +26,7 @@ same recipe, so training starts from the same-recipe PTQ model, output for outpu
 from __future__ import annotations
 
 import copy
+import sys
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -38,6 +39,8 @@ from lowbit.nn.layers import QuantizedRNN
 from lowbit.ptq.convert import model_device, set_submodule, to_device
 from lowbit.ptq.convert import prepare as ptq_prepare
 from lowbit.ptq.plan import plan_model
+from lowbit.qat.batchnorm import MODES as BN_MODES
+from lowbit.qat.batchnorm import BatchNormMode, prepare_batchnorm, restore_batchnorm
 from lowbit.qat.fake_quant import ActFakeQuant
 from lowbit.qat.modules import QAT_CLASSES, QATModule
 from lowbit.recipes import resolve
@@ -94,13 +97,33 @@ def recipe(bits: int | str = 4, activation_bits: int | None | str = "same") -> R
 
 
 def prepare(
-    model: nn.Module, recipe: str | Recipe | dict[str, Any], lsq: bool = False, inplace: bool = False
+    model: nn.Module,
+    recipe: str | Recipe | dict[str, Any],
+    lsq: bool = False,
+    inplace: bool = False,
+    *,
+    batchnorm: BatchNormMode = "auto",
+    example: Any = None,
+    progress: bool = True,
 ) -> nn.Module:
     """Insert fake quantization into every layer ``recipe`` selects (see the module docstring).
 
     ``lsq=True`` learns the weight scales (one per output channel for ``channel`` weights) and the
     activation scales with LSQ; otherwise scales follow the weights and activation ranges an EMA (STE).
-    The returned model trains with any optimizer / loop; fold BatchNorm first (``fold_batchnorm``).
+    The returned model trains with any optimizer / loop.
+
+    ``batchnorm`` says what happens to BatchNorm layers (``lowbit.qat.batchnorm``): ``"fold"`` them
+    into the conv / linear layer before them, wherever they sit (the rest frozen), ``"freeze"`` their
+    statistics, or let them ``"train"``; ``"auto"`` folds when their statistics were trained (a
+    fine-tune) and trains them otherwise (from scratch). ``example`` (an input batch) finds the
+    pairs of models ``torch.fx`` cannot trace. What was folded is ``model.lowbit_folded``, kept by
+    ``convert`` so the artifact loads into the unfolded model. ``progress`` prints the choice.
+
+    >>> import torch
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4))
+    >>> _ = net.train()(torch.randn(8, 1, 6, 6))  # trained statistics: "auto" folds
+    >>> prepare(net, recipe(8), progress=False).lowbit_folded
+    {'1': '0'}
     """
     require_module(model, "qat.prepare")
     recipe = resolve(recipe)
@@ -109,27 +132,29 @@ def prepare(
             f"recipe {recipe.name!r} uses smoothquant_alpha / bias_correction, which are post-training "
             "corrections; QAT learns them away: drop them from the recipe"
         )
+    if batchnorm not in BN_MODES:
+        raise ValueError(f"batchnorm must be one of {', '.join(BN_MODES)}; got {batchnorm!r}")
     if not inplace:
         model = copy.deepcopy(model)
     if any(isinstance(m, QATModule) for m in model.modules()):
         raise ValueError("the model already contains QAT layers; call lowbit.qat.convert(model) first")
+    # Folded before planning: the layers QAT trains are the folded ones, with their new biases.
+    folded, note = prepare_batchnorm(model, batchnorm, example)
+    if note and progress:
+        print(f"lowbit: qat: {note}", file=sys.stderr)
     plan = plan_model(model, recipe)
     if not plan.layers:
         raise ValueError(f"recipe {recipe.name!r} selects no layer of this model; nothing to train")
     for message in plan.warnings():
         warnings.warn(f"lowbit: {message}", stacklevel=2)
-    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        warnings.warn(
-            "lowbit: the model has BatchNorm layers; fold them into the preceding conv first "
-            "(lowbit.qat.fold_batchnorm) so QAT trains the weights that will be deployed",
-            stacklevel=2,
-        )
     for layer in plan.layers:
         assert layer.weight is not None
         cls = QAT_CLASSES[layer.kind]
         set_submodule(model, layer.name, cls(layer.module, layer.weight, layer.activation, lsq, layer.name))
     model.lowbit_recipe = recipe
     model.lowbit_qat_lsq = lsq
+    if folded:
+        model.lowbit_folded = {**getattr(model, "lowbit_folded", {}), **folded}
     return model
 
 
@@ -200,6 +225,7 @@ def convert(model: nn.Module) -> nn.Module:
         if layer.input_quant is not None and layer.input_quant.spec.mode == "static"
     }
     float_model = copy.deepcopy(model)
+    restore_batchnorm(float_model)  # frozen BatchNorms are plain ones again in the deployed model
     for name, layer in layers.items():
         set_submodule(float_model, name, layer.to_float())
     single = {name: w["qweight"] for name, w in weights.items() if "qweight" in w}
