@@ -112,8 +112,12 @@ def _bn_names(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, _BatchNorm)]
 
 
-def prepare_batchnorm(model: nn.Module, mode: str, example: Any = None) -> tuple[dict[str, str], str]:
+def prepare_batchnorm(
+    model: nn.Module, mode: str, example: Any = None, low_bit: bool = False
+) -> tuple[dict[str, str], str]:
     """Apply ``mode`` (see the module docstring) to ``model`` in place, before the QAT layers go in.
+    ``low_bit`` (binary / ternary weights) makes ``"auto"`` train them: folded into binary /
+    ternary weights the per-channel BatchNorm scale would be lost to the format's own scale.
 
     Returns ``{bn name: conv name}`` of what was folded and one line saying what was done (``""``
     when the model has no BatchNorm)."""
@@ -126,14 +130,21 @@ def prepare_batchnorm(model: nn.Module, mode: str, example: Any = None) -> tuple
         return {}, ""
     modules = dict(model.named_modules())
     if mode == "auto":
-        mode = "fold" if any(_trained(modules[n]) for n in names) else "train"
-        why = "statistics trained: fine-tuning" if mode == "fold" else "statistics never trained"
+        trained = any(_trained(modules[n]) for n in names)
+        mode = "fold" if trained and not low_bit else "train"
+        why = (
+            "statistics trained: fine-tuning"
+            if mode == "fold"
+            else "low-bit weights"
+            if trained
+            else "statistics never trained"
+        )
     else:
         why = "asked"
     if mode == "train":
         return {}, (
-            f"BatchNorm: {len(names)} left training ({why}; batch statistics in train mode). After "
-            "convert, re-estimate them: lowbit.qat.reestimate_batchnorm(qmodel, batches); "
+            f"BatchNorm: {len(names)} left training ({why}; batch statistics in train mode); "
+            "re-estimate them after training: convert(model, reestimate=batches); "
             "batchnorm='fold' or 'freeze' keeps trained statistics"
         )
     pairs: dict[str, str] = {}
