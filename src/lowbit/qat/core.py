@@ -239,10 +239,10 @@ def convert(model: nn.Module, reestimate: Iterable[Any] | None = None, *, progre
     eval mode, with ``lowbit_recipe`` set, ready for ``lowbit.save``; each layer runs the fastest
     accurate kernel of this machine (``lowbit.backends.use_kernels``, choices in ``lowbit_kernels``).
 
-    ``reestimate`` (input batches, e.g. the calibration data) recomputes the statistics of the
-    BatchNorms that trained (``batchnorm="train"``) on the converted model
-    (``reestimate_batchnorm``): their running averages lag the weights, which move most at 1-2
-    bits. The output then differs from the QAT model's; without it, it is the same.
+    ``reestimate`` (input batches, e.g. the calibration data) recomputes the statistics of every
+    BatchNorm left in the converted model (``reestimate_batchnorm``), for those that trained
+    (``batchnorm="train"``): their running averages lag the weights, which move most at 1-2 bits.
+    The output then differs from the QAT model's; without it, it is the same.
     """
     layers = qat_layers(model)
     if not layers:
