@@ -117,14 +117,14 @@ def test_binary_and_ternary_weights_reach_the_targets(
     assert _accuracy(q, x_test, y_test) >= target
 
 
-def test_int4_weights_stay_near_float(float_model, digits) -> None:  # noqa: ANN001
+def test_int4_weights_stay_within_half_a_point_of_float(float_model, digits) -> None:  # noqa: ANN001
     _, _, x_test, y_test = digits
     float_acc = _accuracy(float_model, x_test, y_test)
     recipe = qat.recipe(4, activation_bits=8)
-    _, q = _qat(float_model, digits, recipe, epochs=4, lr=1e-3, lsq=True, progress=False)
-    # 0.5 points is the target; 360 test digits make one point 3.6 of them and seeds move it that
-    # much (-0.0 / -0.8 / -0.6 measured): one point here, the figures are in the notes.
-    assert _accuracy(q, x_test, y_test) >= float_acc - 0.01
+    # LSQ: STE's per-step MSE clip search would take ~40 s here. 8 epochs at 1e-3 measured -0.0 /
+    # -0.0 / +0.8 points over three seeds (4 epochs: -0.0 / -0.8 / -0.6; 3e-3 diverged).
+    _, q = _qat(float_model, digits, recipe, epochs=8, lr=1e-3, lsq=True, progress=False)
+    assert _accuracy(q, x_test, y_test) >= float_acc - 0.005
 
 
 def test_the_low_bit_choices_switch_off_and_the_artifact_loads(float_model, digits, tmp_path) -> None:  # noqa: ANN001
