@@ -160,7 +160,8 @@ def prepare(
                 f"first and last layers {', '.join(edges)} keep int8 weights (low-bit practice; "
                 "keep_edges=False quantizes them too)"
             )
-    if clip_latent is None and low_bit:
+    clip = bool(clip_latent) if clip_latent is not None else low_bit
+    if clip:
         notes.append("latent weights clipped to 3x their row's mean |w| (clip_latent=False: not)")
     if progress:
         for line in notes:
@@ -170,7 +171,6 @@ def prepare(
         raise ValueError(f"recipe {recipe.name!r} selects no layer of this model; nothing to train")
     for message in plan.warnings():
         warnings.warn(f"lowbit: {message}", stacklevel=2)
-    clip = bool(clip_latent) if clip_latent is not None else low_bit
     for layer in plan.layers:
         assert layer.weight is not None
         qlayer = QAT_CLASSES[layer.kind](layer.module, layer.weight, layer.activation, lsq, layer.name)
