@@ -116,8 +116,8 @@ def qat_model(built: Built, steps: int = QAT_STEPS, lr: float = QAT_LR) -> nn.Mo
     opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=lr)
     m.train()
     # BatchNorm statistics stay frozen (eval mode): a handful of small batches would overwrite the
-    # running statistics the float model was fitted with (HF convs keep their BatchNorm outside an
-    # nn.Sequential, where lowbit.qat.fold_batchnorm does not reach).
+    # running statistics the float model was fitted with. prepare already folds or freezes trained
+    # BatchNorms (batchnorm="auto"); this also covers models whose BatchNorms never trained.
     for module in m.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.eval()

@@ -241,7 +241,7 @@ def _check_rotations(model: nn.Module, directory: Any) -> None:
 def _fold_like(model: nn.Module, manifest: dict[str, Any], directory: Any) -> None:
     """Drop the BatchNorms the artifact folded into its convs (their effect is in the stored
     weights and biases); the skeleton must have a BatchNorm (or an Identity) at each name."""
-    for bn_name in manifest.get("folded_batchnorm", {}):
+    for bn_name, conv_name in manifest.get("folded_batchnorm", {}).items():
         try:
             module = model.get_submodule(bn_name)
         except AttributeError:
@@ -253,6 +253,15 @@ def _fold_like(model: nn.Module, manifest: dict[str, Any], directory: Any) -> No
                 "architecture it was made from"
             )
         set_submodule(model, bn_name, nn.Identity())
+        try:
+            layer = model.get_submodule(conv_name)
+        except AttributeError:
+            continue  # check_state names what is missing
+        # A folded layer left float (excluded from the recipe) gained a bias; quantized layers
+        # take theirs from the manifest.
+        if conv_name not in manifest["layers"] and getattr(layer, "bias", 0) is None:
+            w = layer.weight
+            layer.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
 
 
 def load(

@@ -1,4 +1,6 @@
-"""Fold BatchNorm into the conv that feeds it, found from the model's structure (never from names).
+"""Fold BatchNorm into the conv (or linear layer) that feeds it, found from the model's structure
+(never from names). The one folder: ``lowbit.quantize`` (static recipes) and ``lowbit.qat.prepare``
+both use it, and ``lowbit.load`` repeats what the artifact records.
 
 A BatchNorm in eval mode is a per-channel affine map, so ``conv -> bn`` is one conv with scaled
 weights and a new bias. Static int8 recipes fold before quantizing (the folded weights are what
@@ -6,7 +8,7 @@ gets quantized), because an unfolded BatchNorm between a quantized conv and the 
 float pass per layer in PyTorch and, in ONNX, stops ONNX Runtime from fusing the Q/DQ pairs
 around the conv into ``QLinearConv`` (so the model runs float convs).
 
-The structure comes from a ``torch.fx`` trace: a Conv1d / Conv2d whose only user is a
+The structure comes from a ``torch.fx`` trace: a Conv1d / Conv2d / Linear whose only user is a
 BatchNorm of the same width. Models that do not trace are followed with forward hooks on an
 example input instead (the BatchNorm's input must be the very tensor the conv returned). Either
 way the folded model is run on the example and compared with the original; when they differ
@@ -38,17 +40,54 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowbit.qat.bn_fold import fold_into
-
-_CONV = (nn.Conv1d, nn.Conv2d)
+# A Linear feeding a BatchNorm1d folds the same way (per output feature), as QAT models often have.
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Linear)
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+def fold_into(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> None:
+    """Absorb ``bn`` (its eval-mode statistics) into ``layer``'s weight and bias, in place:
+    ``w' = w * gamma / sqrt(var + eps)`` per output channel, ``b' = (b - mean) * gamma / sqrt(var + eps)
+    + beta``.
+
+    >>> conv, bn = nn.Conv2d(1, 2, 1, bias=False), nn.BatchNorm2d(2).eval()
+    >>> with torch.no_grad(): _ = bn.running_var.fill_(4.0)
+    >>> fold_into(conv, bn); conv.bias is not None
+    True
+    """
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError(
+            f"cannot fold {type(bn).__name__} without running statistics (track_running_stats=False)"
+        )
+    out = layer.weight.shape[0]
+    if bn.num_features != out:
+        raise ValueError(
+            f"cannot fold {type(bn).__name__}({bn.num_features}) into a layer with {out} output channels"
+        )
+    with torch.no_grad():
+        inv_std = torch.rsqrt(bn.running_var.float() + bn.eps)
+        gamma = bn.weight.float() if bn.weight is not None else torch.ones_like(inv_std)
+        beta = bn.bias.float() if bn.bias is not None else torch.zeros_like(inv_std)
+        factor = gamma * inv_std
+        w = layer.weight
+        w.mul_(factor.to(w.dtype).reshape(-1, *([1] * (w.dim() - 1))))
+        bias = layer.bias.float() if layer.bias is not None else torch.zeros_like(factor)
+        new_bias = (bias - bn.running_mean.float()) * factor + beta
+        if layer.bias is None:
+            layer.bias = nn.Parameter(new_bias.to(w.dtype))
+        else:
+            layer.bias.copy_(new_bias)
+
+
+def _width(layer: nn.Module) -> int:
+    return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
 
 
 def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
     return (
         isinstance(conv, _CONV)
         and isinstance(bn, _BN)
-        and bn.num_features == conv.out_channels
+        and bn.num_features == _width(conv)
         and bn.running_mean is not None
         and bn.running_var is not None
     )

@@ -8,7 +8,7 @@
 'QuantizedLinear'
 """
 
-from lowbit.qat.bn_fold import fold_batchnorm
+from lowbit.qat.batchnorm import FrozenBatchNorm, fold_batchnorm, reestimate_batchnorm
 from lowbit.qat.core import calibrate, convert, freeze_observers, prepare, qat_layers, recipe
 from lowbit.qat.fake_quant import ActFakeQuant, WeightFakeQuant
 from lowbit.qat.modules import QATRNN, QATConv, QATEmbedding, QATLinear, QATModule
@@ -37,6 +37,7 @@ def demo_techniques() -> list:
 
 __all__ = [
     "ActFakeQuant",
+    "FrozenBatchNorm",
     "QATConv",
     "QATEmbedding",
     "QATLinear",
@@ -51,4 +52,5 @@ __all__ = [
     "prepare",
     "qat_layers",
     "recipe",
+    "reestimate_batchnorm",
 ]

@@ -26,6 +26,7 @@ same recipe, so training starts from the same-recipe PTQ model, output for outpu
 from __future__ import annotations
 
 import copy
+import sys
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -38,7 +39,11 @@ from lowbit.nn.layers import QuantizedRNN
 from lowbit.ptq.convert import model_device, set_submodule, to_device
 from lowbit.ptq.convert import prepare as ptq_prepare
 from lowbit.ptq.plan import plan_model
-from lowbit.qat.fake_quant import ActFakeQuant
+from lowbit.qat.batchnorm import MODES as BN_MODES
+from lowbit.qat.batchnorm import BatchNormMode, prepare_batchnorm, reestimate_batchnorm, restore_batchnorm
+from lowbit.qat.edges import is_low_bit
+from lowbit.qat.edges import keep_edges as _keep_edges
+from lowbit.qat.fake_quant import ActFakeQuant, WeightFakeQuant
 from lowbit.qat.modules import QAT_CLASSES, QATModule
 from lowbit.recipes import resolve
 from lowbit.recipes.spec import ActivationSpec, Recipe, WeightSpec
@@ -94,13 +99,42 @@ def recipe(bits: int | str = 4, activation_bits: int | None | str = "same") -> R
 
 
 def prepare(
-    model: nn.Module, recipe: str | Recipe | dict[str, Any], lsq: bool = False, inplace: bool = False
+    model: nn.Module,
+    recipe: str | Recipe | dict[str, Any],
+    lsq: bool = False,
+    inplace: bool = False,
+    *,
+    batchnorm: BatchNormMode = "auto",
+    keep_edges: bool | None = None,
+    clip_latent: bool | None = None,
+    example: Any = None,
+    progress: bool = True,
 ) -> nn.Module:
     """Insert fake quantization into every layer ``recipe`` selects (see the module docstring).
 
     ``lsq=True`` learns the weight scales (one per output channel for ``channel`` weights) and the
     activation scales with LSQ; otherwise scales follow the weights and activation ranges an EMA (STE).
-    The returned model trains with any optimizer / loop; fold BatchNorm first (``fold_batchnorm``).
+    The returned model trains with any optimizer / loop.
+
+    ``batchnorm`` says what happens to BatchNorm layers (``lowbit.qat.batchnorm``): ``"fold"`` them
+    into the conv / linear layer before them, wherever they sit (the rest frozen), ``"freeze"`` their
+    statistics, or let them ``"train"``; ``"auto"`` folds when their statistics were trained (a
+    fine-tune) and trains them otherwise (from scratch, or binary / ternary weights, which the
+    BatchNorm rescales per channel as in XNOR-Net; re-estimate them with ``convert(model,
+    reestimate=batches)``). ``example`` (an input batch) finds the pairs in models ``torch.fx``
+    cannot trace. What was folded is ``model.lowbit_folded``, kept by ``convert`` so the artifact
+    loads into the unfolded model.
+
+    ``keep_edges`` keeps the first and last layers at int8 weights (``lowbit.qat.edges``);
+    ``clip_latent`` clamps the float (latent) weights, in training mode, to 3x their row's mean
+    |w| (as BinaryConnect clips them to [-1, 1]); ``None`` (both): on for binary / ternary weights.
+    ``progress`` prints every choice.
+
+    >>> import torch
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4))
+    >>> _ = net.train()(torch.randn(8, 1, 6, 6))  # trained statistics: "auto" folds
+    >>> prepare(net, recipe(8), progress=False).lowbit_folded
+    {'1': '0'}
     """
     require_module(model, "qat.prepare")
     recipe = resolve(recipe)
@@ -109,27 +143,45 @@ def prepare(
             f"recipe {recipe.name!r} uses smoothquant_alpha / bias_correction, which are post-training "
             "corrections; QAT learns them away: drop them from the recipe"
         )
+    if batchnorm not in BN_MODES:
+        raise ValueError(f"batchnorm must be one of {', '.join(BN_MODES)}; got {batchnorm!r}")
     if not inplace:
         model = copy.deepcopy(model)
     if any(isinstance(m, QATModule) for m in model.modules()):
         raise ValueError("the model already contains QAT layers; call lowbit.qat.convert(model) first")
+    # Folded before planning: the layers QAT trains are the folded ones, with their new biases.
+    low_bit = is_low_bit(recipe.weight)
+    folded, note = prepare_batchnorm(model, batchnorm, example, low_bit=low_bit)
+    notes = [note] if note else []
+    if keep_edges or (keep_edges is None and low_bit):
+        recipe, edges = _keep_edges(model, recipe)
+        if edges:
+            notes.append(
+                f"first and last layers {', '.join(edges)} keep int8 weights (low-bit practice; "
+                "keep_edges=False quantizes them too)"
+            )
+    clip = bool(clip_latent) if clip_latent is not None else low_bit
+    if clip:
+        notes.append("latent weights clipped to 3x their row's mean |w| (clip_latent=False: not)")
+    if progress:
+        for line in notes:
+            print(f"lowbit: qat: {line}", file=sys.stderr)
     plan = plan_model(model, recipe)
     if not plan.layers:
         raise ValueError(f"recipe {recipe.name!r} selects no layer of this model; nothing to train")
     for message in plan.warnings():
         warnings.warn(f"lowbit: {message}", stacklevel=2)
-    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        warnings.warn(
-            "lowbit: the model has BatchNorm layers; fold them into the preceding conv first "
-            "(lowbit.qat.fold_batchnorm) so QAT trains the weights that will be deployed",
-            stacklevel=2,
-        )
     for layer in plan.layers:
         assert layer.weight is not None
-        cls = QAT_CLASSES[layer.kind]
-        set_submodule(model, layer.name, cls(layer.module, layer.weight, layer.activation, lsq, layer.name))
+        qlayer = QAT_CLASSES[layer.kind](layer.module, layer.weight, layer.activation, lsq, layer.name)
+        for fq in qlayer.modules():
+            if isinstance(fq, WeightFakeQuant):
+                fq.clip_latent = clip
+        set_submodule(model, layer.name, qlayer)
     model.lowbit_recipe = recipe
     model.lowbit_qat_lsq = lsq
+    if folded:
+        model.lowbit_folded = {**getattr(model, "lowbit_folded", {}), **folded}
     return model
 
 
@@ -179,13 +231,18 @@ def freeze_observers(model: nn.Module, frozen: bool = True) -> None:
             m.observe = not frozen
 
 
-def convert(model: nn.Module) -> nn.Module:
+def convert(model: nn.Module, reestimate: Iterable[Any] | None = None, *, progress: bool = True) -> nn.Module:
     """The packed quantized model for a trained QAT model (a new model; ``model`` is unchanged).
 
     Layers become ``QuantizedLinear`` / ``QuantizedConv`` / ``QuantizedEmbedding`` / ``QuantizedRNN``
     with the codes and scales the fake-quantizers used, and static input ranges frozen. Returned in
     eval mode, with ``lowbit_recipe`` set, ready for ``lowbit.save``; each layer runs the fastest
     accurate kernel of this machine (``lowbit.backends.use_kernels``, choices in ``lowbit_kernels``).
+
+    ``reestimate`` (input batches, e.g. the calibration data) recomputes the statistics of every
+    BatchNorm left in the converted model (``reestimate_batchnorm``), for those that trained
+    (``batchnorm="train"``): their running averages lag the weights, which move most at 1-2 bits.
+    The output then differs from the QAT model's; without it, it is the same.
     """
     layers = qat_layers(model)
     if not layers:
@@ -200,6 +257,7 @@ def convert(model: nn.Module) -> nn.Module:
         if layer.input_quant is not None and layer.input_quant.spec.mode == "static"
     }
     float_model = copy.deepcopy(model)
+    restore_batchnorm(float_model)  # frozen BatchNorms are plain ones again in the deployed model
     for name, layer in layers.items():
         set_submodule(float_model, name, layer.to_float())
     single = {name: w["qweight"] for name, w in weights.items() if "qweight" in w}
@@ -217,6 +275,10 @@ def convert(model: nn.Module) -> nn.Module:
     for attr in ("lowbit_qat_lsq",):
         if hasattr(qmodel, attr):
             delattr(qmodel, attr)
+    if reestimate is not None:
+        count = reestimate_batchnorm(qmodel, reestimate)
+        if progress and count:
+            print(f"lowbit: qat: BatchNorm statistics of {count} layers re-estimated", file=sys.stderr)
     from lowbit.backends import use_kernels  # the backends import the layers built here
 
     use_kernels(qmodel)

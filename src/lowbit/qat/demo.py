@@ -98,7 +98,7 @@ def qat_train(
     training seconds (``qat_model`` for zoo models). Training starts from the same-recipe PTQ model:
     ``calibration`` sets the activation ranges as ``lowbit.quantize`` would."""
     teacher = teacher.eval()
-    student = prepare(teacher, recipe(bits), lsq=lsq)
+    student = prepare(teacher, recipe(bits), lsq=lsq, progress=progress)
     calibrate(student, calibration)
     result = distill(
         student, teacher, train_data, epochs=epochs, lr=lr, temperature=temperature, alpha=alpha,
