@@ -26,6 +26,7 @@ from lowbit.modelcheck import require_module
 from lowbit.ptq.activation_plan import apply_activation_plan, measure_activation_plan
 from lowbit.ptq.checks import check_calibration, check_model
 from lowbit.ptq.convert import calibrate, convert, prepare
+from lowbit.ptq.distributed import same_everywhere, shard, world
 from lowbit.ptq.fidelity import CHECK_BATCHES
 from lowbit.ptq.fidelity import measure as measure_fidelity
 from lowbit.ptq.modifiers import DATA_AWARE, check_sequence
@@ -85,6 +86,8 @@ def quantize(
     recipe = resolve(recipe)
     if calibration is not None and not isinstance(calibration, (list, tuple)):
         calibration = list(calibration)  # it may be read twice (weight algorithm, then activations)
+    if calibration is not None and world()[1] > 1:
+        calibration = shard(calibration)  # data-parallel: this rank's share (lowbit.ptq.distributed)
     folded: dict[str, str] = {}
     if fold_bn or (fold_bn is None and recipe.needs_calibration):
         from lowbit.ptq.fold import fold_batchnorm
@@ -102,6 +105,7 @@ def quantize(
         recipe = apply_activation_plan(model, recipe, plan)
         if progress:
             print(f"lowbit: {plan.summary()}", file=sys.stderr)
+    same_everywhere(recipe.to_dict(), "the recipe")  # a measured plan may differ between ranks
     steps = data_aware_steps(recipe)
     edges = recipe.embeddings_and_head != "recipe"
     if (steps or edges) and not calibration:

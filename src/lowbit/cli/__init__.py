@@ -41,6 +41,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if args.verb == "quantize":  # under torchrun: data-parallel calibration (one process group)
+            from lowbit.ptq.distributed import init_from_environment
+
+            init_from_environment()
         with _one_line_warnings():
             return int(args.func(args) or 0)
     except CliError as err:

@@ -10,6 +10,7 @@ from lowbit.cli.inputs import _calibration, _check_output_dir, _model, _quantize
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
+    from lowbit.ptq.distributed import is_writer
     from lowbit.size import size_report
 
     recipe = _recipe(args.recipe)
@@ -18,6 +19,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     qmodel = _quantize(zm, recipe, _calibration(args, zm))
     report = size_report(qmodel)
     manifest = _save(qmodel, out)
+    if not is_writer():
+        return 0  # rank 0 wrote the artifact and reports it
     quantized = [r for r in report.layers if r.kind != "float"]
     kept = next((r.parameters for r in report.layers if r.kind == "float"), 0)
     text = (

@@ -66,6 +66,7 @@ from lowbit.modelcheck import require_module
 from lowbit.nn.base import QuantizedModule
 from lowbit.nn.layers import QUANTIZED_CLASSES
 from lowbit.ptq.convert import set_submodule
+from lowbit.ptq.distributed import is_writer
 from lowbit.recipes.spec import ActivationSpec, Recipe
 
 # --- saving ----------------------------------------------------------------------------------------
@@ -127,7 +128,9 @@ def manifest_of(
 
 
 def _write_atomically(directory: Path, files: dict[str, bytes], force: bool = False) -> None:
-    write_directory(directory, files, force=force)
+    # Under torch.distributed every rank holds the same quantized model: rank 0 alone writes it.
+    if is_writer():
+        write_directory(directory, files, force=force)
 
 
 def save(
@@ -145,7 +148,8 @@ def save(
     for low-entropy codes (pruned or clustered weights), decoded on load. ``None`` uses the model's
     own preference (``model.lowbit_compression``, set e.g. by the Deep Compression pipeline), else
     ``"none"``. An existing artifact directory is replaced as a whole; any other non-empty
-    directory is refused with ``ArtifactError`` unless ``force=True``.
+    directory is refused with ``ArtifactError`` unless ``force=True``. Under a
+    ``torch.distributed`` process group only rank 0 writes (every rank gets the manifest).
     """
     require_module(model, "save")
     if compression is None:

@@ -35,6 +35,7 @@ from lowbit.nn.base import QuantizedModule
 from lowbit.nn.layers import QUANTIZED_CLASSES
 from lowbit.nn.qweight import QuantizedWeight
 from lowbit.ptq.checks import check_calibration, check_model
+from lowbit.ptq.distributed import reduce_ranges
 from lowbit.ptq.plan import plan_model
 from lowbit.ptq.rotate import ATTRIBUTE as ROTATION_ATTRIBUTE
 from lowbit.ptq.rotate import rotate_inputs
@@ -173,6 +174,7 @@ def calibrate(
     run_batches(model, batches[:half], progress)
     first_half = snapshot_ranges(model) if half else {}
     run_batches(model, batches[half:], progress)
+    reduce_ranges(observing_quantizers(model))  # data-parallel: every rank's ranges combined
     if diagnose:
         samples = sum(count_samples(b) for b in batches)
         for finding in diagnose_ranges(model, first_half, samples):

@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 
 from lowbit.ptq.cache import ActivationCache, MemoryBudget
 from lowbit.ptq.convert import model_device, to_device
+from lowbit.ptq.distributed import reduce_statistics, world
 from lowbit.ptq.judge import ModuleJudge, plan_judges, record
 from lowbit.ptq.matrices import write
 from lowbit.ptq.modifiers import LayerResult, Notes, apply_group, layer_sequence, needs_data, quantize_rtn
@@ -444,6 +445,7 @@ class _Pipeline:
             if handle is not None:
                 handle.remove()
         self.model_passes += 1
+        reduce_statistics(observer.groups, name)
         stats_bytes = observer.nbytes
         quantize_started = time.perf_counter()
         self._quantize(observer, layers)
@@ -526,11 +528,17 @@ class _Pipeline:
                         observer.end_call()
                         meter.sample()
                 runs += 1
+                reduce_statistics(observer.groups, f"stage {name}")  # data-parallel: sum over ranks
                 stats_bytes = observer.nbytes
                 groups = [g.names for g in observer.groups]
                 stats_seconds, quantize_started = observer.seconds, time.perf_counter()
                 # AWQ judged at an enclosing module: record that module's inputs on a few batches.
                 judges = plan_judges(self.recipe.awq.search, name, stage, observer.groups)
+                if judges and world()[1] > 1:
+                    raise ValueError(
+                        f"awq.search: {self.recipe.awq.search} reruns modules on recorded batches, which "
+                        "differ between ranks under torch.distributed; use awq.search: layer there"
+                    )
                 if judges:
                     unique = list({id(j): j for j in judges.values()}.values())
                     count = min(len(self.batches), self.recipe.awq.search_batches)
