@@ -7,8 +7,8 @@ equal the trained fake-quant model's within the documented tolerance (docs/qat-p
 - ONNX Runtime, fused integer kernels (QLinearConv / QGemm round the bias and requantize their own
   way): cosine >= 0.98 per sample, >= 0.999 over the batch, argmax agreement >= 98 %.
 
-The model is written here: conv + BatchNorm (folded), a residual block, a BatchNorm after the add
-(not foldable: frozen), a linear head.
+The models are written here: conv + BatchNorm (folded), a residual block, a BatchNorm after the
+add (not foldable: frozen), a linear head; and PyTorch's own transformer encoder with a head.
 """
 
 from __future__ import annotations
@@ -104,3 +104,49 @@ def test_trained_qat_model_equals_converted_loaded_and_onnx(tmp_path, gen, bits:
     batch_cos = float(F.cosine_similarity(fused.reshape(1, -1), trained.reshape(1, -1)))
     agree = float((fused.argmax(1) == trained.argmax(1)).float().mean())
     assert cos >= 0.98 and batch_cos >= 0.999 and agree >= 0.98, (cos, batch_cos, agree)
+
+
+class Encoder(nn.Module):
+    """PyTorch's transformer encoder (attention float, feed-forward layers quantized) and a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x)[:, 0])
+
+
+def test_transformer_encoder_qat_equals_converted_loaded_and_onnx(tmp_path, gen) -> None:  # noqa: ANN001
+    x = torch.randn(64, 6, 16, generator=gen)
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="MultiheadAttention"):
+        model = qat.prepare(Encoder().eval(), qat.recipe(8), lsq=True, progress=False)
+    qat.calibrate(model, [x[:32]])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    for i in range(4):
+        model.train()
+        loss = model(x[(i % 2) * 32 : (i % 2 + 1) * 32]).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        trained = model.eval()(x)
+        converted = qat.convert(model, progress=False)
+        torch.testing.assert_close(converted(x), trained, rtol=0, atol=0)
+        lowbit.save(converted, tmp_path / "art")
+        loaded = lowbit.load(tmp_path / "art", Encoder()).eval()
+        torch.testing.assert_close(loaded(x), trained, rtol=0, atol=0)
+
+    pytest.importorskip("onnxruntime", reason="the ONNX half needs onnxruntime")
+    from lowbit.export.onnx import export_onnx
+
+    report = export_onnx(loaded, tmp_path / "m.onnx", x[:2])
+    assert [layer.kernel for layer in report.layers] == ["QDQ"] * 5 and not report.fallbacks
+    exact = _ort(tmp_path / "m.onnx", "none", x)
+    assert float((exact - trained).abs().max()) <= 1e-4 * float(trained.abs().max())
+    fused = _ort(tmp_path / "m.onnx", "all", x)
+    cos = float(F.cosine_similarity(fused, trained).min())
+    assert cos >= 0.98, cos
