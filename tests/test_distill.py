@@ -100,3 +100,62 @@ def test_fit_reports_a_diverging_loss() -> None:
 
     with pytest.raises(ValueError, match="lower lr"):
         fit(model, [(torch.zeros(1, 2), torch.zeros(1, dtype=torch.long))], loss_fn=bad_loss, progress=False)
+
+
+def test_distiller_term_is_the_kd_kl_or_the_mse_and_trains_only_the_student(gen: torch.Generator) -> None:
+    from lowbit.qat import Distiller
+
+    teacher, student = _mlp(0), _mlp(1)
+    x = torch.randn(16, 8, generator=gen)
+    out = student(x)
+    kl = Distiller(teacher, temperature=2.0, weight=0.5)(out, x)
+    torch.testing.assert_close(kl, 0.5 * kd_loss(out, teacher(x), temperature=2.0), rtol=0, atol=0)
+    mse = Distiller(teacher, kind="mse")(out, x)
+    torch.testing.assert_close(mse, F.mse_loss(out, teacher(x)), rtol=0, atol=0)
+    assert float(Distiller(teacher)(teacher(x).detach(), x)) == pytest.approx(0.0, abs=1e-6)
+    (kl + mse).backward()
+    assert all(p.grad is not None for p in student.parameters())
+    assert all(p.grad is None for p in teacher.parameters())  # the teacher runs without gradients
+
+
+def test_distiller_checks_its_teacher_and_the_shapes() -> None:
+    from lowbit import qat
+    from lowbit.qat import Distiller
+
+    teacher = _mlp(0)
+    with pytest.raises(ValueError, match="kind must be one of kl, mse"):
+        Distiller(teacher, kind="ce")
+    with pytest.raises(ValueError, match="temperature"):
+        Distiller(teacher, temperature=0)
+    student = qat.prepare(teacher, qat.recipe(4), inplace=True, progress=False)
+    with pytest.raises(ValueError, match="the teacher contains QAT layers"):
+        Distiller(student)
+    with pytest.raises(ValueError, match="student's output is \\(2, 3\\) but the teacher's is \\(2, 4\\)"):
+        Distiller(_mlp(1))(torch.zeros(2, 3), torch.zeros(2, 8))
+
+
+def test_distiller_pulls_a_2bit_qat_student_toward_its_teacher_in_a_user_loop(gen: torch.Generator) -> None:
+    from lowbit import qat
+
+    teacher = _mlp(0)
+    with torch.no_grad():  # confident logits, as a trained classifier's: a KL that 2 bits moves
+        teacher[2].weight.mul_(8)
+    x = torch.randn(256, 8, generator=gen)
+    target = teacher(x).argmax(1).detach()
+    student = qat.prepare(teacher, qat.recipe(2, activation_bits=8), progress=False)
+    qat.calibrate(student, [x])
+    distiller = qat.Distiller(teacher, temperature=2.0)
+    opt = torch.optim.Adam(student.parameters(), lr=3e-3)
+    before = float(distiller(student.eval()(x), x))
+    student.train()
+    for i in range(60):
+        batch = x[(i % 4) * 64 : (i % 4 + 1) * 64]
+        loss = distiller(student(batch), batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    q = qat.convert(student, progress=False)
+    with torch.no_grad():
+        after = float(distiller(q(x), x))
+        agree = float((q(x).argmax(1) == target).float().mean())
+    assert after < 0.5 * before and agree >= 0.85, (before, after, agree)

@@ -139,6 +139,72 @@ class DistillationLoss:
         self._teacher_hooks = None
 
 
+class Distiller:
+    """The extra loss term from a float teacher, for a training loop of your own (QAT included).
+
+    ``distiller(student_output, inputs)`` runs ``teacher`` on ``inputs`` (what you passed to the
+    student: a tensor, a tuple of positional arguments or a dict of keyword arguments) without
+    gradients and returns ``weight`` times the distance of ``student_output`` to its output:
+    ``kind="kl"``: the temperature-softened KL term of ``kd_loss`` (scaled by ``T**2``), for logits;
+    ``kind="mse"``: the mean squared error, for regression outputs or features. Add it to your task
+    loss; the student's forward is yours, so it runs once.
+
+    >>> import torch
+    >>> teacher, student = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    >>> distiller = Distiller(teacher, temperature=2.0)
+    >>> x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    >>> out = student(x)
+    >>> loss = torch.nn.functional.cross_entropy(out, y) + distiller(out, x)
+    >>> loss.backward()
+    >>> float(Distiller(teacher)(teacher(x).detach(), x))
+    0.0
+    """
+
+    KINDS = ("kl", "mse")
+
+    def __init__(
+        self, teacher: nn.Module, temperature: float = 4.0, kind: str = "kl", weight: float = 1.0
+    ) -> None:
+        require_module(teacher, "Distiller")
+        if kind not in self.KINDS:
+            raise ValueError(f"kind must be one of {', '.join(self.KINDS)}; got {kind!r}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if weight < 0:
+            raise ValueError(f"weight must be >= 0, got {weight}")
+        # The teacher must stay float: prepare(..., inplace=True) would have made it the student.
+        from lowbit.qat.modules import QATModule
+
+        if any(isinstance(m, QATModule) for m in teacher.modules()):
+            raise ValueError(
+                "the teacher contains QAT layers; pass the float model (qat.prepare without "
+                "inplace=True leaves it untouched)"
+            )
+        self.teacher = teacher.eval()  # dropout off, BatchNorm on its running statistics
+        self.temperature, self.kind, self.weight = temperature, kind, weight
+
+    def teacher_output(self, inputs: Any) -> torch.Tensor:
+        """The teacher's output tensor for ``inputs`` (no gradients, eval mode)."""
+        if self.teacher.training:  # the user's loop may have called .train() on it
+            self.teacher.eval()
+        with torch.no_grad():
+            return output_tensor(call_model(self.teacher, inputs))
+
+    def __call__(self, student_output: Any, inputs: Any) -> torch.Tensor:
+        student = output_tensor(student_output)
+        target = self.teacher_output(inputs).to(student.dtype)
+        if target.shape != student.shape:
+            raise ValueError(
+                f"the student's output is {tuple(student.shape)} but the teacher's is "
+                f"{tuple(target.shape)}; pass the inputs the student was called on"
+            )
+        if self.kind == "kl":
+            term = kd_loss(student, target, temperature=self.temperature)
+        else:
+            term = F.mse_loss(student, target)
+        return self.weight * term
+
+
 def distill(
     student: nn.Module,
     teacher: nn.Module,

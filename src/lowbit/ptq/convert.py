@@ -44,11 +44,36 @@ from lowbit.recipes.spec import Recipe
 from lowbit.zoo.base import call_model
 
 
+def _run_submodules(_module: nn.Module, _args: Any) -> None:
+    """A forward pre-hook that changes nothing (see ``set_submodule``)."""
+    return None
+
+
 def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Replace the submodule called ``name`` (dotted path) by ``new``."""
+    """Replace the submodule called ``name`` (dotted path) by ``new``.
+
+    >>> layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
+    >>> set_submodule(layer, "linear1", nn.Sequential(nn.Linear(8, 16)))
+    >>> len(layer._forward_pre_hooks)  # its fused eval path is off: linear1's forward runs
+    1
+    """
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
+    if isinstance(parent, nn.TransformerEncoderLayer) and type(new) is not nn.Linear:
+        # In eval mode without gradients TransformerEncoderLayer runs one fused kernel that reads
+        # linear1.weight / linear2.weight directly, skipping a quantized (or QAT) layer's forward
+        # and its input quantizer. PyTorch takes the module-by-module path whenever a hook is
+        # attached, so a no-op one keeps the swapped layers in charge (the hook survives deepcopy).
+        if _run_submodules not in parent._forward_pre_hooks.values():
+            parent.register_forward_pre_hook(_run_submodules)
+        # A TransformerEncoder above it would pack padded batches into nested tensors for that
+        # fused path, which the swapped layers cannot take: keep them padded.
+        parts = name.split(".")
+        for depth in range(len(parts) - 1):
+            ancestor = model.get_submodule(".".join(parts[:depth])) if depth else model
+            if isinstance(ancestor, nn.TransformerEncoder):
+                ancestor.use_nested_tensor = False
 
 
 def prepare(

@@ -8,6 +8,7 @@
 'QuantizedLinear'
 """
 
+from lowbit.distill import Distiller
 from lowbit.qat.batchnorm import FrozenBatchNorm, fold_batchnorm, reestimate_batchnorm
 from lowbit.qat.core import calibrate, convert, freeze_observers, prepare, qat_layers, recipe
 from lowbit.qat.fake_quant import ActFakeQuant, WeightFakeQuant
@@ -37,6 +38,7 @@ def demo_techniques() -> list:
 
 __all__ = [
     "ActFakeQuant",
+    "Distiller",
     "FrozenBatchNorm",
     "QATConv",
     "QATEmbedding",

@@ -140,7 +140,10 @@ class WeightFakeQuant(nn.Module):
             return value + (soft - soft.detach())
         if self.fmt.family == "int":
             return fake_quantize(weight, self.fmt, qp)
-        return weight + (_exact_forward(weight, self.fmt, qp) - weight).detach()
+        # Straight-through, written so the value is the exact code value: ``w + (q - w).detach()``
+        # rounds twice and missed it by an ulp (seen on BERT's binary projections), while
+        # ``w - w.detach()`` is exactly zero.
+        return _exact_forward(weight, self.fmt, qp) + (weight - weight.detach())
 
     def extra_repr(self) -> str:
         mode = "lsq" if self.lsq else "ste"
