@@ -80,3 +80,14 @@ def test_beam_search_and_refusals() -> None:
     assert out.shape == (1, 9)
     with pytest.raises(ValueError, match="KV cache format"):
         KVCache(model.config, "int4")
+
+
+def test_sliding_window_models_are_refused() -> None:
+    from transformers import MistralConfig
+
+    config = MistralConfig(
+        vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, sliding_window=8,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="sliding_attention"):
+        KVCache(config)

@@ -148,3 +148,13 @@ def test_exporters_without_rotation_refuse(tmp_path) -> None:
     q = lowbit.quantize(model, recipe, progress=False)
     with pytest.raises(ArtifactError, match="rotates its input"):
         lowbit.export_gguf(q, tmp_path / "m.gguf", "Q4_0")
+
+
+def test_layers_that_are_not_linear_are_named() -> None:
+    model = nn.Sequential(nn.Conv1d(4, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(48, 2))
+    recipe = lowbit.recipes.with_overrides("int8-weight-only", rotation="hadamard")
+    with pytest.warns(UserWarning, match=r"inputs only; 1 other layer\(s\) keep theirs \(0\)"):
+        q = lowbit.quantize(model, recipe, progress=False)
+    assert getattr(q[0], "input_rotation", None) is None and q[3].input_rotation is not None
+    x = torch.randn(2, 4, 8)
+    assert _cosine(q(x), model(x)) > 0.99

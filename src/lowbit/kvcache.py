@@ -165,7 +165,7 @@ class KVCache(Cache):
     def __init__(self, config: Any, fmt: str = "fp8_e4m3") -> None:
         _kv_format(fmt)  # refuse an unknown format before anything else
         text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-        kinds = set(getattr(text, "layer_types", None) or ["full_attention"])
+        kinds = set(_layer_types(text))
         if kinds - {"full_attention"}:
             raise ValueError(
                 f"lowbit.KVCache supports models whose layers all use full attention; this one has "
@@ -182,6 +182,17 @@ class KVCache(Cache):
         """Bytes the same keys and values take in an unquantized cache of ``dtype``."""
         size = torch.empty((), dtype=dtype).element_size()
         return sum(layer.stored_values for layer in self.layers) * size
+
+
+def _layer_types(config: Any) -> list[str]:
+    """Each decoder layer's attention kind, as transformers infers it (sliding windows, chunks)."""
+    try:
+        from transformers.cache_utils import get_layer_types_and_kwargs
+
+        return list(get_layer_types_and_kwargs(config)[0])
+    except (ImportError, AttributeError):  # older transformers: the config's own list, if any
+        kind = "sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"
+        return list(getattr(config, "layer_types", None) or [kind])
 
 
 class WithKVCache(nn.Module):

@@ -111,6 +111,13 @@ def prepare(
     if recipe.rotation != "none":  # data-aware callers rotated the layers already: skipped then
         linears = [layer.name for layer in plan.layers if layer.kind == "linear"]
         rotate_inputs(model, linears, recipe.rotation_seed)
+        others = [layer.name for layer in plan.layers if layer.kind != "linear"]
+        if others and warn:
+            warnings.warn(
+                f"lowbit: rotation: hadamard rotates linear layers' inputs only; {len(others)} other "
+                f"layer(s) keep theirs ({', '.join(others[:4])}{' ...' if len(others) > 4 else ''})",
+                stacklevel=2,
+            )
     for layer in plan.layers:
         assert layer.weight is not None
         cls = QUANTIZED_CLASSES[layer.kind]
