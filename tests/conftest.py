@@ -21,6 +21,13 @@ def one_thread():  # noqa: ANN201
         yield
 
 
+@pytest.fixture
+def reference_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The exact reference path (what fake-quant simulates); also skips timing the integer
+    kernels on a fresh machine (~30 s on the first convert)."""
+    monkeypatch.setenv("LOWBIT_KERNELS", "reference")
+
+
 @pytest.fixture(scope="session")
 def digits_cnn_cached(tmp_path_factory):  # noqa: ANN201
     """digits-cnn's trained weights in the zoo cache before the test starts.

@@ -13,13 +13,7 @@ from torch.nn import functional as F
 from lowbit import qat
 from lowbit.nn import QuantizedConv, QuantizedLinear, QuantizedModule, QuantizedRNN
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(autouse=True)
-def reference_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
-    # The exact simulation the fake-quant forward reproduces (integer kernels: within their tolerance).
-    monkeypatch.setenv("LOWBIT_KERNELS", "reference")
+pytestmark = pytest.mark.usefixtures("one_thread", "reference_kernels")
 
 
 class Conv1dNet(nn.Module):

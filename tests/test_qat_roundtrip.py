@@ -21,13 +21,7 @@ from torch.nn import functional as F
 import lowbit
 from lowbit import qat
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(autouse=True)
-def reference_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
-    # The documented exact path; also skips timing the integer kernels on a fresh machine.
-    monkeypatch.setenv("LOWBIT_KERNELS", "reference")
+pytestmark = pytest.mark.usefixtures("one_thread", "reference_kernels")
 
 
 class ResHead(nn.Module):

@@ -32,7 +32,7 @@ from lowbit.ptq.fidelity import measure as measure_fidelity
 from lowbit.ptq.modifiers import DATA_AWARE, check_sequence
 from lowbit.ptq.pipeline import calibrate_weights
 from lowbit.ptq.plan import plan_model
-from lowbit.ptq.rotate import rotate_inputs
+from lowbit.ptq.rotate import rotate_planned
 from lowbit.recipes import resolve
 from lowbit.recipes.spec import Recipe
 from lowbit.size import size_report
@@ -122,8 +122,7 @@ def quantize(
     if steps or edges:
         work = model if inplace else copy.deepcopy(model)
         if recipe.rotation != "none":  # before calibration: statistics and GPTQ see rotated inputs
-            names = [layer.name for layer in plan_model(work, recipe).layers if layer.kind == "linear"]
-            rotate_inputs(work, names, recipe.rotation_seed)
+            rotate_planned(work, plan_model(work, recipe).layers, recipe.rotation_seed)
         # ``work`` is swapped for the quantized layers below: its float weights can go stage by stage.
         result = calibrate_weights(
             work,

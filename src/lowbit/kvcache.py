@@ -32,7 +32,7 @@ from transformers.cache_utils import BaseQuantizedLayer, Cache
 
 from lowbit import formats
 from lowbit.codecs import codec_for
-from lowbit.codecs.scales import round_scale, scale_buffers, scale_from_buffers
+from lowbit.codecs.scales import scale_buffers, scale_from_buffers
 from lowbit.primitives import QParams
 
 # The cache formats: 8-bit codes, a 16-bit scale per head per token (symmetric: keys and values
@@ -58,8 +58,7 @@ class _Stored:
         codec = codec_for(self.fmt)
         block = (1, 1, 1, states.shape[-1])  # one scale per (sequence, head, token)
         x = states.detach().float().contiguous()
-        qp = codec.choose(x, self.fmt, block, True, 1.0)
-        qp = QParams(round_scale(qp.scale, self.fmt), None, block)
+        qp = codec.choose(x, self.fmt, block, True, 1.0)  # scales already as fp16 stores them
         codes = codec.encode(x, self.fmt, qp)
         stored = scale_buffers(qp.scale, self.fmt)
         if self.codes is None:
@@ -96,10 +95,6 @@ class KVCacheLayer(BaseQuantizedLayer):
         self.fmt = _kv_format(fmt)
         self._quantized_keys = _Stored(self.fmt)
         self._quantized_values = _Stored(self.fmt)
-        self._shape: tuple[int, ...] | None = None
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        super().lazy_initialization(key_states, value_states)
 
     def _quantize(self, tensor: torch.Tensor) -> Any:  # the base class's hooks, unused here
         raise NotImplementedError
@@ -118,7 +113,6 @@ class KVCacheLayer(BaseQuantizedLayer):
         self.cumulative_length += key_states.shape[-2]
         self._quantized_keys.append(key_states)
         self._quantized_values.append(value_states)
-        self._shape = (*key_states.shape[:-2], self.cumulative_length, key_states.shape[-1])
         return (
             self._quantized_keys.values(key_states.dtype),
             self._quantized_values.values(value_states.dtype),

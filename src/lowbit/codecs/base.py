@@ -270,12 +270,15 @@ class BlockCodec(Codec):
         clip_ratio: float,
     ) -> QParams:
         """``from_range`` of each block's (clipped) min and max: the usual ``choose_blocks``."""
-        if x.dim() == 0:
-            return self.from_range(x.float() * clip_ratio, x.float() * clip_ratio, fmt, block, symmetric)
-        dims = block_dims(x.dim())
-        lo = xb.amin(dim=dims) * clip_ratio
-        hi = xb.amax(dim=dims) * clip_ratio
-        return self.from_range(lo, hi, fmt, block, symmetric)
+        return self.from_range(*block_range(x, xb, clip_ratio), fmt, block, symmetric)
+
+
+def block_range(x: torch.Tensor, xb: torch.Tensor, clip_ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each block's min and max of ``xb = to_blocks(x, block)``, times ``clip_ratio``."""
+    if x.dim() == 0:
+        return x.float() * clip_ratio, x.float() * clip_ratio
+    dims = block_dims(x.dim())
+    return xb.amin(dim=dims) * clip_ratio, xb.amax(dim=dims) * clip_ratio
 
 
 def widen_range(

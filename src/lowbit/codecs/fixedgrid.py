@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lowbit.codecs.base import EPS, BlockCodec, QParams, register, widen_range
+from lowbit.codecs.base import EPS, BlockCodec, QParams, block_range, register, widen_range
 from lowbit.codecs.scales import has_tensor_scale, pow2_floor, round_scale
 from lowbit.granularity import block_dims, expand_params, from_blocks, to_blocks
 
@@ -39,9 +39,8 @@ class FixedGridCodec(BlockCodec):
         if has_tensor_scale(fmt):
             # The tensor's power of two from its unclipped range: every clip candidate shares it.
             largest = x.detach().abs().amax().float() / fmt.grid_max
-            lo = xb.amin(dim=block_dims(x.dim())) * clip_ratio if x.dim() else x.float() * clip_ratio
-            hi = xb.amax(dim=block_dims(x.dim())) * clip_ratio if x.dim() else x.float() * clip_ratio
-            return QParams(self._scale(widen_range(lo, hi)[2], fmt, largest), None, block)
+            amax = widen_range(*block_range(x, xb, clip_ratio))[2]
+            return QParams(self._scale(amax, fmt, largest), None, block)
         return self.range_qparams(x, xb, fmt, block, symmetric, clip_ratio)
 
     def from_range(

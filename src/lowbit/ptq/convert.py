@@ -38,7 +38,7 @@ from lowbit.ptq.checks import check_calibration, check_model
 from lowbit.ptq.distributed import reduce_ranges
 from lowbit.ptq.plan import plan_model
 from lowbit.ptq.rotate import ATTRIBUTE as ROTATION_ATTRIBUTE
-from lowbit.ptq.rotate import rotate_inputs
+from lowbit.ptq.rotate import rotate_planned
 from lowbit.recipes import resolve
 from lowbit.recipes.spec import Recipe
 from lowbit.zoo.base import call_model
@@ -109,9 +109,7 @@ def prepare(
     weights = weights or {}
     input_smooth = input_smooth or {}
     if recipe.rotation != "none":  # data-aware callers rotated the layers already: skipped then
-        linears = [layer.name for layer in plan.layers if layer.kind == "linear"]
-        rotate_inputs(model, linears, recipe.rotation_seed)
-        others = [layer.name for layer in plan.layers if layer.kind != "linear"]
+        others = rotate_planned(model, plan.layers, recipe.rotation_seed)
         if others and warn:
             warnings.warn(
                 f"lowbit: rotation: hadamard rotates linear layers' inputs only; {len(others)} other "

@@ -127,11 +127,11 @@ def reduce_ranges(quantizers: Sequence[Any]) -> None:
     combine exactly; others are refused under a process group."""
     if world()[1] == 1:
         return
-    keys = [(q.name, type(q.observer).__name__) for q in quantizers]
+    keys = [(q.name, q.observer.name) for q in quantizers]
     same_everywhere(keys, "static activation calibration")
     for q in quantizers:
         observer = q.observer
-        if type(observer).__name__ != "MinMaxObserver":
+        if observer.name != "minmax":
             raise ValueError(
                 f"{q.name}: the {q.spec.observer} observer's statistics do not combine across ranks; "
                 "use observer minmax for static activations under torch.distributed"

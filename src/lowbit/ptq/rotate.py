@@ -73,6 +73,15 @@ def rotate_inputs(model: nn.Module, names: Iterable[str], seed: int = 0) -> dict
     return done
 
 
+def rotate_planned(model: nn.Module, layers: Iterable[Any], seed: int = 0) -> list[str]:
+    """Rotate the inputs of the planned linear ``layers`` (``LayerPlan``s, in plan order: the
+    seeds follow it) of ``model``; returns the names of the planned layers of other kinds, which
+    keep their inputs. Layers rotated already are skipped, so callers can rotate early."""
+    layers = list(layers)
+    rotate_inputs(model, [layer.name for layer in layers if layer.kind == "linear"], seed)
+    return [layer.name for layer in layers if layer.kind != "linear"]
+
+
 def rotated_copy(model: nn.Module, names: Iterable[str], seed: int = 0) -> nn.Module:
     """A copy of ``model`` with the inputs of ``names`` rotated (``model`` itself untouched)."""
     copied = copy.deepcopy(model)
