@@ -5,21 +5,18 @@ from __future__ import annotations
 import base64
 import json
 import re
-import shutil
-import subprocess
 
 import pytest
 import torch
 from torch import nn
 
 import lowbit
+from browser import CHROMIUM, console_lines
 from lowbit.eval.compare import FLOAT, compare, recipe_technique
 from lowbit.report import FILES, summary, text_table, write_report
 from lowbit.report.html_page import html_report
 from lowbit.report.plots import pareto_front
 from lowbit.zoo import ZooModel
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.fixture(scope="module")
@@ -93,37 +90,16 @@ def test_pareto_front():
     assert pareto_front(ppl) == ["a"]  # lower perplexity is better: b is dominated
 
 
-def _console_lines(page_path, screenshot) -> list[str]:
-    proc = subprocess.run(
-        [
-            CHROMIUM,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--enable-logging=stderr",
-            "--v=0",
-            f"--user-data-dir={screenshot.parent / 'profile'}",
-            f"--screenshot={screenshot}",
-            "--window-size=1280,2000",
-            page_path.as_uri(),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    return [line for line in proc.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
-
-
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
 def test_html_renders_in_headless_chromium_without_console_errors(records, tmp_path):
     # The detector must see an error when there is one, or a silent pass would prove nothing.
     broken = tmp_path / "broken.html"
     broken.write_text("<!DOCTYPE html><html><body><script>console.error('boom')</script></body></html>")
-    assert _console_lines(broken, tmp_path / "broken.png"), "chromium console output not captured"
+    assert console_lines(broken, tmp_path / "broken.png"), "chromium console output not captured"
 
     out = write_report(records, tmp_path / "lowbit-report", {"title": "toy"})
     shot = tmp_path / "report.png"
-    assert _console_lines(out / "report.html", shot) == []
+    assert console_lines(out / "report.html", shot) == []
     assert shot.read_bytes()[:4] == b"\x89PNG" and shot.stat().st_size > 20_000  # a page was drawn
 
 

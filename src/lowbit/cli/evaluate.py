@@ -75,6 +75,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.suite == "domains":
+        return _bench_domains(args)
+    if args.model is None:
+        raise ValueError("lowbit bench needs a MODEL (or 'decode', or --suite domains)")
     if args.model == "decode":
         return _bench_decode(args)
     bench = _optional("lowbit.benchmark", "bench", "bench")
@@ -84,6 +88,45 @@ def cmd_bench(args: argparse.Namespace) -> int:
     options = {"recipes": recipes or None, "repeats": args.repeats, "threads": args.threads, "out": args.out}
     options = {k: v for k, v in options.items() if v is not None}
     return _show_result(args, _call_with_supported(bench, args.model, **options))
+
+
+def _split(text: str | None) -> list[str] | None:
+    return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+
+def _bench_domains(args: argparse.Namespace) -> int:
+    """``lowbit bench --suite domains``: the tables on stdout; ``--json`` rows, ``--report`` pages."""
+    import json
+    from pathlib import Path
+
+    from lowbit.domains import report
+    from lowbit.domains.checks import check_rows
+    from lowbit.domains.suite import run_suite
+    from lowbit.zoo.cache import atomic_write
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    result = run_suite(
+        domains=_split(args.domains), models=_split(args.models), techniques=_split(args.techniques),
+        quick=args.quick, repeats=args.repeats, onnx=not args.no_onnx,
+    )  # fmt: skip
+    doc = result.to_dict()
+    rows_json = json.dumps(doc["rows"], indent=2, allow_nan=False) + "\n"
+    if args.json == "-":
+        print(rows_json, end="")
+    else:
+        print()
+        print(report.markdown(doc["meta"], doc["rows"], doc["tasks"]))
+    if args.json and args.json != "-":
+        atomic_write(Path(args.json), rows_json.encode())
+        print(f"rows: {args.json}")
+    if args.report:
+        print(f"report: {report.write(result, args.report)}/report.html (also report.md, report.json)")
+    misses = [c for c in check_rows(doc["rows"]) if not c.ok]
+    print(f"{len(misses)} check(s) missed" if misses else "every check held")
+    return 0
 
 
 def _bench_decode(args: argparse.Namespace) -> int:

@@ -71,11 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
     common.add_argument("--json", action="store_true", help="machine-readable output on stdout")
 
-    def verb(name: str, func: Callable[[argparse.Namespace], int], help_: str, example: str) -> _Parser:
+    def verb(
+        name: str, func: Callable[[argparse.Namespace], int], help_: str, example: str, json_flag: bool = True
+    ) -> _Parser:
         p = sub.add_parser(
             name,
             description=f"{help_}\n\nexample:\n  {example}",
-            parents=[common],
+            parents=[common] if json_flag else [],
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         p.set_defaults(func=func)
@@ -197,13 +199,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verb(
         "bench", cmd_bench, "latency benchmark against the float model (MODEL 'decode': LLM tokens/s)",
-        "lowbit bench minilm; lowbit bench decode --batch 1,8",
+        "lowbit bench minilm; lowbit bench decode --batch 1,8; lowbit bench --suite domains --quick",
+        json_flag=False,
     )  # fmt: skip
-    p.add_argument("model", metavar="MODEL", help="a model, or 'decode' (a Llama-style decode benchmark)")
+    p.add_argument(
+        "model", metavar="MODEL", nargs="?", default=None,
+        help="a model, or 'decode' (a Llama-style decode benchmark); omit with --suite",
+    )  # fmt: skip
     p.add_argument("--recipes", help="comma-separated recipes to benchmark")
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=None, help="where to write results")
+    suite = p.add_argument_group("suite (lowbit bench --suite domains)")
+    suite.add_argument("--suite", choices=["domains"], help="every domain model x every technique")
+    suite.add_argument("--quick", action="store_true", help="smaller held-out sets and fewer repeats")
+    p.add_argument(
+        "--json",
+        nargs="?",
+        const="-",
+        default=None,
+        metavar="FILE",
+        help="machine-readable output: on stdout, or (--suite) the rows written to FILE",
+    )
+    suite.add_argument("--report", metavar="DIR", help="write report.md, report.html and report.json")
+    suite.add_argument("--domains", help="comma-separated: classification, detection, nlp, speech")
+    suite.add_argument("--models", help="comma-separated model names within the domains")
+    suite.add_argument("--techniques", help="comma-separated technique names (float is always kept)")
+    suite.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime / OpenVINO timings")
     decode = p.add_argument_group("decode (lowbit bench decode)")
     decode.add_argument("--hidden", type=int, default=1024)
     decode.add_argument("--layers", type=int, default=8)

@@ -122,4 +122,4 @@ def train_epochs(
                 opt.step()
                 sched.step()
                 bar.update(1)
-                bar.set_postfix(loss=f"{float(value):.3f}")
+                bar.set_postfix(loss=f"{value.detach().item():.3f}", refresh=False)

@@ -69,7 +69,12 @@ def _as_args(batch: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
 
 
 def ort_latency(
-    float_model: nn.Module, qmodel: nn.Module, batch: Any, repeats: int = 20, warmup: int = 3
+    float_model: nn.Module,
+    qmodel: nn.Module,
+    batch: Any,
+    repeats: int = 20,
+    warmup: int = 3,
+    openvino: bool = False,
 ) -> dict[str, Any] | None:
     """ORT milliseconds (medians, interleaved) of the float and quantized exports on ``batch``.
 
@@ -103,6 +108,7 @@ def ort_latency(
             repeats=repeats,
             warmup=warmup,
         )
+        ov = _openvino_latency(Path(tmp), feeds, sessions[1].threads, repeats, warmup) if openvino else None
     float_ms, quant_ms = statistics.median(f_times), statistics.median(q_times)
     noise = max(spread(f_times), spread(q_times))
     kernels = dict(Counter(layer.kernel for layer in report.layers))
@@ -114,6 +120,42 @@ def ort_latency(
         "kernels": kernels,
         "onnx_bytes": report.file_bytes,
         "threads": sessions[1].threads,
+        "repeats": len(f_times),
+        "spread": noise,
+        "noisy": noise > NOISY_SPREAD,
+        **({"openvino": ov} if ov is not None else {}),
+    }
+
+
+def _openvino_latency(
+    folder: Path, feeds: list[dict[str, Any]], threads: int, repeats: int, warmup: int
+) -> dict[str, Any] | None:
+    """OpenVINO medians of ``folder``'s float.onnx and quant.onnx (``None`` when not installed)."""
+    from lowbit.eval.openvino import OpenVinoModel
+
+    if not OpenVinoModel.available():
+        return None
+    try:
+        models = [
+            OpenVinoModel(folder / "float.onnx", threads),
+            OpenVinoModel(folder / "quant.onnx", threads),
+        ]
+        for model, feed in zip(models, feeds, strict=True):
+            model.check(feed)
+    except Exception as err:  # OpenVINO refusing a graph (contrib ops) is a finding, not a crash
+        return {"error": (str(err).strip().splitlines() or [type(err).__name__])[-1][:200]}
+    f_times, q_times = interleaved_ms(
+        [lambda: models[0].run_feeds(feeds[0]), lambda: models[1].run_feeds(feeds[1])],
+        repeats=repeats,
+        warmup=warmup,
+    )
+    float_ms, quant_ms = statistics.median(f_times), statistics.median(q_times)
+    noise = max(spread(f_times), spread(q_times))
+    return {
+        "backend": f"{OpenVinoModel.backend} ({models[1].precision})",
+        "float_ms": float_ms,
+        "quant_ms": quant_ms,
+        "speedup": float_ms / quant_ms if quant_ms > 0 else None,
         "repeats": len(f_times),
         "spread": noise,
         "noisy": noise > NOISY_SPREAD,

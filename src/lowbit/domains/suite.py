@@ -1,0 +1,436 @@
+"""``lowbit bench --suite domains``: every domain task x every technique, measured in one run.
+
+For each task (``lowbit.domains.builders``) the float model is scored once; then each technique
+builds its model, which is scored with the task's own metrics and measured like the demo measures:
+bytes stored (``lowbit.save`` to disk, read back), bits per parameter (scales, zero points and
+codebooks counted), output MSE against float on held-out inputs, and latency on every backend
+present (PyTorch; ONNX Runtime and OpenVINO on lowbit's exports; CUDA when a GPU is present),
+with the backend that actually ran named. A PyTorch model on the reference path (dequantize,
+then the float op) is timed but never given a speed-up.
+
+A task that cannot be built (a missing package or program) becomes one row saying why; a
+technique that fails on a model becomes a row with the error, never a crash of the whole table.
+
+>>> [f for f in ROW_FIELDS][:6]
+['domain', 'model', 'technique', 'metric', 'higher_is_better', 'value']
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, TextIO
+
+import torch
+from torch import nn
+
+from lowbit.domains import DOMAINS, builders
+from lowbit.domains.task import DomainTask
+from lowbit.domains.techniques import TECHNIQUES, DomainTechnique
+
+# The --json schema: every row has these keys (None where a value does not apply).
+ROW_FIELDS = (
+    "domain",
+    "model",
+    "technique",
+    "metric",
+    "higher_is_better",
+    "value",
+    "float_value",
+    "delta",
+    "bytes",
+    "float_bytes",
+    "parameters",
+    "bits_per_param",
+    "mse",
+    "latency",
+    "family",
+    "quantize_seconds",
+    "error",
+    "notes",
+)
+
+
+@dataclass
+class Row:
+    """One (model, technique, metric) cell of the domain tables; ``to_dict`` gives the JSON row.
+
+    ``latency`` is a list of ``{"runtime", "backend", "latency_ms", "float_ms", "speedup",
+    "noisy"}``, one per backend that ran; ``speedup`` is ``None`` when the quantized model ran
+    the reference simulation (never reported as faster).
+    """
+
+    domain: str
+    model: str
+    technique: str
+    metric: str | None
+    higher_is_better: bool | None
+    value: float | None = None
+    float_value: float | None = None
+    bytes: int | None = None
+    float_bytes: int | None = None
+    parameters: int | None = None
+    bits_per_param: float | None = None
+    mse: float | None = None
+    latency: list[dict[str, Any]] = field(default_factory=list)
+    family: str = ""
+    quantize_seconds: float | None = None
+    error: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def delta(self) -> float | None:
+        """``value - float_value`` in the metric's own units (negative = worse when higher is better)."""
+        if self.value is None or self.float_value is None:
+            return None
+        return self.value - self.float_value
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["delta"] = self.delta
+        return {k: _finite(d[k]) for k in ROW_FIELDS}
+
+
+def _finite(x: Any) -> Any:
+    if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
+        return None
+    return x
+
+
+@dataclass
+class SuiteResult:
+    """All rows of one run, plus what the run was (machine, options, seconds per task)."""
+
+    rows: list[Row]
+    meta: dict[str, Any]
+    tasks: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"meta": self.meta, "tasks": self.tasks, "rows": [r.to_dict() for r in self.rows]}
+
+
+def flat_output(out: Any) -> torch.Tensor:
+    """Every floating tensor of a model output (tensor, tuple, dict, ``ModelOutput``) flattened
+    into one vector, so a detector's several heads all count in the output MSE.
+
+    >>> flat_output((torch.ones(2, 2), {"b": torch.zeros(3)})).shape
+    torch.Size([7])
+    """
+    parts: list[torch.Tensor] = []
+
+    def visit(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            if x.is_floating_point():
+                parts.append(x.detach().float().reshape(-1).cpu())
+        elif isinstance(x, dict) or hasattr(x, "items"):
+            for v in x.values():
+                visit(v)
+        elif isinstance(x, (tuple, list)):
+            for v in x:
+                visit(v)
+
+    visit(out)
+    if not parts:
+        raise TypeError(f"no floating tensor in a {type(out).__name__} output")
+    return torch.cat(parts)
+
+
+def outputs(model: nn.Module, inputs: Sequence[Any]) -> list[torch.Tensor]:
+    """``flat_output`` of ``model`` on every input batch (no gradients)."""
+    from lowbit.batches import call_model
+    from lowbit.ptq.convert import model_device, to_device
+
+    device = model_device(model)
+    with torch.no_grad():
+        return [flat_output(call_model(model, to_device(b, device))) for b in inputs]
+
+
+def backend_latencies(
+    float_model: nn.Module, qmodel: nn.Module | None, batch: Any, repeats: int, onnx: bool = True
+) -> list[dict[str, Any]]:
+    """Latency of ``qmodel`` (``None``: the float model alone) on ``batch`` on every backend present,
+    each with the float model timed in the same run."""
+    from lowbit.eval.latency import backend_of, compare_latency, is_real_kernel, median_ms
+    from lowbit.eval.ort import available, ort_latency
+
+    rows: list[dict[str, Any]] = []
+    if qmodel is None:
+        from lowbit.batches import call_model
+
+        with torch.no_grad():
+            ms = median_ms(lambda: call_model(float_model, batch), repeats=repeats)
+        rows.append(_latency_row("pytorch", backend_of(float_model), ms, ms, 1.0, False))
+    else:
+        lat = compare_latency(float_model, qmodel, batch, repeats=repeats)
+        rows.append(_latency_row("pytorch", lat.backend, lat.quant_ms, lat.float_ms, lat.speedup, lat.noisy))
+        if not is_real_kernel(lat.backend):
+            rows[-1]["note"] = "reference path (dequantize + float op): no speed-up claimed"
+    if onnx and available():
+        ort = ort_latency(
+            float_model, qmodel if qmodel is not None else float_model, batch, repeats=repeats, openvino=True
+        )
+        if ort is not None:
+            rows.append(_runtime_row("onnxruntime", ort))
+            if "openvino" in ort:
+                rows.append(_runtime_row("openvino", ort["openvino"]))
+    if torch.cuda.is_available():
+        rows.append(_cuda_latency(float_model, qmodel, batch, repeats))
+    return rows
+
+
+def _latency_row(
+    runtime: str, backend: str, ms: float, float_ms: float, speedup: float | None, noisy: bool
+) -> dict[str, Any]:
+    return {
+        "runtime": runtime,
+        "backend": backend,
+        "latency_ms": ms,
+        "float_ms": float_ms,
+        "speedup": speedup,
+        "noisy": bool(noisy),
+    }
+
+
+def _runtime_row(runtime: str, result: dict[str, Any]) -> dict[str, Any]:
+    if "error" in result:
+        return {
+            "runtime": runtime,
+            "backend": None,
+            "latency_ms": None,
+            "float_ms": None,
+            "speedup": None,
+            "noisy": False,
+            "error": result["error"],
+        }
+    return _latency_row(
+        runtime, result["backend"], result["quant_ms"], result["float_ms"], result["speedup"], result["noisy"]
+    )
+
+
+def _cuda_latency(
+    float_model: nn.Module, qmodel: nn.Module | None, batch: Any, repeats: int
+) -> dict[str, Any]:
+    from lowbit.eval.latency import backend_of, compare_latency
+
+    try:
+        f = copy.deepcopy(float_model).cuda()
+        q = f if qmodel is None else copy.deepcopy(qmodel).cuda()
+        lat = compare_latency(f, q, batch, repeats=repeats)
+        speedup = 1.0 if qmodel is None else lat.speedup
+        return _latency_row(
+            "cuda",
+            f"{backend_of(q)} on {torch.cuda.get_device_name()}",
+            lat.quant_ms,
+            lat.float_ms,
+            speedup,
+            lat.noisy,
+        )
+    except Exception as err:  # a format without a CUDA path is a finding for the table, not a crash
+        return {
+            "runtime": "cuda",
+            "backend": None,
+            "latency_ms": None,
+            "float_ms": None,
+            "speedup": None,
+            "noisy": False,
+            "error": f"{type(err).__name__}: {err}".splitlines()[0][:200],
+        }
+
+
+def _error(err: BaseException) -> str:
+    text = f"{type(err).__name__}: {err}".strip()
+    return (text.splitlines() or [text])[0][:300]
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Per-layer warnings (layers kept float, fidelity) are summarised by the table itself."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+@dataclass
+class _Float:
+    scores: dict[str, float]
+    outputs: list[torch.Tensor]
+    bytes: int
+    parameters: int
+    bits: float
+    latency: list[dict[str, Any]]
+
+
+def _measure_float(task: DomainTask, repeats: int, onnx: bool) -> _Float:
+    from lowbit.eval.evaluate import measure_disk
+
+    disk = measure_disk(task.model)
+    return _Float(
+        scores=task.score(task.model),
+        outputs=outputs(task.model, task.inputs),
+        bytes=disk.disk_bytes,
+        parameters=disk.size.parameters,
+        bits=disk.size.bits_per_param,
+        latency=backend_latencies(task.model, None, task.inputs[0], repeats, onnx=onnx),
+    )
+
+
+def _rows_for(task: DomainTask, tech: DomainTechnique, base: _Float, repeats: int, onnx: bool) -> list[Row]:
+    """The rows (one per metric) of one technique on one task."""
+    from lowbit.eval.evaluate import measure_disk
+    from lowbit.eval.metrics import mse as output_mse
+
+    def row(metric: str, **values: Any) -> Row:
+        return Row(
+            task.domain,
+            task.name,
+            tech.name,
+            metric,
+            task.higher_is_better(metric),
+            float_value=base.scores.get(metric),
+            family=tech.family,
+            **values,
+        )
+
+    if tech.name == "float":
+        return [
+            row(
+                m,
+                value=base.scores.get(m),
+                bytes=base.bytes,
+                float_bytes=base.bytes,
+                parameters=base.parameters,
+                bits_per_param=base.bits,
+                mse=0.0,
+                latency=base.latency,
+                quantize_seconds=0.0,
+            )
+            for m in task.metrics
+        ]
+    reason = task.skip.get(tech.name)
+    if reason is None and tech.trains and not task.train_data:
+        reason = "no training data for this model"
+    if reason is not None:
+        return [row(m, notes=[f"not applicable: {reason}"]) for m in task.metrics]
+    started = time.perf_counter()
+    try:
+        with _quiet():
+            qmodel = tech.build(task)
+            built = time.perf_counter() - started
+            scores = task.score(qmodel)
+            disk = measure_disk(qmodel)
+            err = output_mse(base.outputs, outputs(qmodel, task.inputs))
+            latency = backend_latencies(task.model, qmodel, task.inputs[0], repeats, onnx=onnx)
+    except Exception as exc:  # one technique failing on one model is a row, not a crash
+        return [row(m, error=_error(exc)) for m in task.metrics]
+    return [
+        row(
+            m,
+            value=scores.get(m),
+            bytes=disk.disk_bytes,
+            float_bytes=base.bytes,
+            parameters=disk.size.parameters,
+            bits_per_param=disk.size.bits_per_param,
+            mse=err,
+            latency=latency,
+            quantize_seconds=built,
+        )
+        for m in task.metrics
+    ]
+
+
+def _say(stream: TextIO | None, text: str) -> None:
+    if stream is not None:
+        print(text, file=stream, flush=True)
+
+
+def run_suite(
+    *,
+    domains: Sequence[str] | None = None,
+    models: Sequence[str] | None = None,
+    techniques: Sequence[str] | None = None,
+    quick: bool = False,
+    repeats: int | None = None,
+    onnx: bool = True,
+    stream: TextIO | None = sys.stdout,
+    on_row: Callable[[Row], None] | None = None,
+) -> SuiteResult:
+    """Build, quantize and score every task of ``domains`` (default all) with every technique.
+
+    ``models`` / ``techniques`` restrict the run by name; ``quick`` shrinks held-out data and
+    timing repeats (every row is still measured). ``onnx=False`` skips the ONNX Runtime / OpenVINO
+    latency columns.
+
+    >>> result = run_suite(domains=["classification"], models=["none"], stream=None)  # doctest: +SKIP
+    """
+    from lowbit.domains.techniques import technique
+    from lowbit.report.writer import environment
+
+    chosen = [technique(t) for t in techniques] if techniques else list(TECHNIQUES)
+    if chosen[0].name != "float":  # every table needs its baseline
+        chosen = [technique("float"), *[t for t in chosen if t.name != "float"]]
+    repeats = repeats if repeats is not None else (5 if quick else 20)
+    started = time.perf_counter()
+    rows: list[Row] = []
+    tasks: list[dict[str, Any]] = []
+    for domain in domains or DOMAINS:
+        try:
+            domain_builders = builders(domain)
+        except ImportError as exc:  # a domain whose module or package is missing: one row saying so
+            rows.append(Row(domain, "*", "float", None, None, error=_error(exc)))
+            _say(stream, f"[{domain}] not available ({_error(exc)})")
+            continue
+        for name, build in domain_builders.items():
+            if models and name not in models:
+                continue
+            t0 = time.perf_counter()
+            try:
+                with _quiet():
+                    task = build(quick)
+            except Exception as exc:  # a missing package or program: one row saying so
+                rows.append(Row(domain, name, "float", None, None, error=_error(exc)))
+                _say(stream, f"[{domain}] {name}: not built ({_error(exc)})")
+                tasks.append({"domain": domain, "model": name, "error": _error(exc)})
+                continue
+            build_s = time.perf_counter() - t0
+            _say(stream, f"[{domain}] {name}: {task.description} (built in {build_s:.1f} s)")
+            base = _measure_float(task, repeats, onnx)
+            for tech in chosen:
+                t1 = time.perf_counter()
+                new = _rows_for(task, tech, base, repeats, onnx)
+                rows.extend(new)
+                first = new[0]
+                shown = "n/a" if first.value is None else f"{first.value:.4g}"
+                _say(
+                    stream,
+                    f"    {tech.name:<20} {task.primary}={shown:<8} ({time.perf_counter() - t1:.1f} s)"
+                    + (f"  ERROR {first.error}" if first.error else ""),
+                )
+                if on_row is not None:
+                    for r in new:
+                        on_row(r)
+            tasks.append(
+                {
+                    "domain": domain,
+                    "model": name,
+                    "description": task.description,
+                    "build_seconds": build_s,
+                    "train_seconds": task.train_seconds,
+                    "seconds": time.perf_counter() - t0,
+                    "notes": task.notes,
+                }
+            )
+    meta = {
+        "title": "lowbit domain tables",
+        "quick": quick,
+        "repeats": repeats,
+        "seconds": time.perf_counter() - started,
+        "environment": environment(),
+        "techniques": [{"name": t.name, "family": t.family, "description": t.description} for t in chosen],
+    }
+    return SuiteResult(rows, meta, tasks)

@@ -1,0 +1,137 @@
+"""The technique rows of the domain tables: every preset the tables name, plus two training rows.
+
+Each ``DomainTechnique`` turns a ``DomainTask`` into the model to score. Preset rows call
+``lowbit.quantize`` with the task's calibration batches; the training rows fine-tune with the
+task's own loss on its training batches (QAT at 4 bits; magnitude pruning to 50% then int8
+static), so they work for a detector's or a CTC model's loss as well as for cross-entropy.
+
+>>> [t.name for t in TECHNIQUES][:4]
+['float', 'int8-dynamic', 'int8-static', 'int4-weight-only']
+>>> technique("pq").family
+'product quantization'
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+from lowbit.domains.task import DomainTask
+
+
+@dataclass(frozen=True)
+class DomainTechnique:
+    """One row: ``build(task)`` returns the model to score; ``family`` is the tables' wording."""
+
+    name: str
+    build: Callable[[DomainTask], nn.Module]
+    family: str
+    description: str
+    trains: bool = False  # needs the task's training data and loss
+
+
+def _preset(name: str) -> Callable[[DomainTask], nn.Module]:
+    def build(task: DomainTask) -> nn.Module:
+        import lowbit
+
+        return lowbit.quantize(task.model, name, calibration=task.calibration or None, progress=False)
+
+    return build
+
+
+def _qat4(task: DomainTask) -> nn.Module:
+    """4-bit weights and activations, LSQ scales, fine-tuned with the task's loss."""
+    from lowbit.domains.common import train_epochs
+    from lowbit.qat import calibrate, convert, prepare, recipe
+
+    student = prepare(task.model, recipe(4), lsq=True, progress=False)
+    calibrate(student, task.calibration)
+    train_epochs(
+        student,
+        task.train_data,
+        task.loss,
+        task.finetune_epochs,
+        task.finetune_lr,
+        desc=f"QAT 4-bit {task.name}",
+        progress=False,
+    )
+    return convert(student.eval(), progress=False)
+
+
+def _pruned_int8(task: DomainTask) -> nn.Module:
+    """Magnitude pruning to 50% per layer in two steps with fine-tuning, then int8 static."""
+    import lowbit
+    from lowbit.domains.common import train_epochs
+    from lowbit.pruning import magnitude_masks
+
+    model = copy.deepcopy(task.model)
+    for amount in (0.3, 0.5):
+        masks = magnitude_masks(model, amount)
+        masks.apply(model)
+        # Re-apply after every step so the optimiser cannot revive pruned weights.
+        train_epochs(
+            model,
+            task.train_data,
+            _masked(task.loss, masks, model),
+            task.finetune_epochs,
+            task.finetune_lr,
+            desc=f"prune {task.name}",
+            progress=False,
+        )
+        masks.apply(model)
+    model.eval()
+    return lowbit.quantize(model, "int8-static", calibration=task.calibration or None, progress=False)
+
+
+def _masked(loss, masks, model: nn.Module):  # noqa: ANN001, ANN202
+    def masked_loss(m: nn.Module, batch):  # noqa: ANN001, ANN202
+        masks.apply(model)
+        return loss(m, batch)
+
+    return masked_loss
+
+
+def _float(task: DomainTask) -> nn.Module:
+    return task.model
+
+
+TECHNIQUES: list[DomainTechnique] = [
+    DomainTechnique("float", _float, "float32", "the trained float32 model (baseline)"),
+    DomainTechnique("int8-dynamic", _preset("int8-dynamic"), "int8", "int8 weights, activations per batch"),
+    DomainTechnique("int8-static", _preset("int8-static"), "int8", "int8 weights + calibrated activations"),
+    DomainTechnique("int4-weight-only", _preset("int4-weight-only"), "int4", "int4 g64, MSE clipping"),
+    DomainTechnique("int4-gptq", _preset("int4-gptq"), "int4", "int4 g64 by GPTQ"),
+    DomainTechnique("int4-awq", _preset("int4-awq"), "int4", "int4 g64 by AWQ"),
+    DomainTechnique("fp8", _preset("fp8"), "fp8", "fp8 e4m3 weights per channel"),
+    DomainTechnique("nf4", _preset("nf4"), "quantile", "NormalFloat-4 (quantile grid) g64"),
+    DomainTechnique(
+        "kmeans-4bit", _preset("kmeans-4bit"), "vector quantization", "16-entry k-means per layer"
+    ),
+    DomainTechnique("pq", _preset("pq"), "product quantization", "16 codewords per 4-value sub-space"),
+    DomainTechnique("QAT 4-bit", _qat4, "QAT", "W4A4 LSQ, fine-tuned with the task loss", trains=True),
+    DomainTechnique(
+        "pruned 50% + int8",
+        _pruned_int8,
+        "pruning",
+        "50% magnitude pruning, fine-tuned, int8 static",
+        trains=True,
+    ),
+]
+QUICK = tuple(t.name for t in TECHNIQUES)  # --quick keeps every row; it shrinks data and repeats
+
+
+def technique(name: str) -> DomainTechnique:
+    """The technique called ``name``.
+
+    >>> technique("int3")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown technique 'int3'; known: float, int8-dynamic, int8-static, ...
+    """
+    for tech in TECHNIQUES:
+        if tech.name == name:
+            return tech
+    raise ValueError(f"unknown technique {name!r}; known: {', '.join(t.name for t in TECHNIQUES)}")
