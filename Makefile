@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	# torch first and pinned: an unpinned torch would pull gigabytes of CUDA packages.
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt torch==2.13.0
-	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[test,hf,onnx,interop]"
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[test,hf,onnx,interop,domains]"
 	# MTCNN's pretrained weights ship in facenet-pytorch; --no-deps: its pins (torch<2.3, torchvision)
 	# would replace our torch. lowbit reads only its weight files and never imports the package.
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps facenet-pytorch==2.6.0

@@ -34,6 +34,9 @@ from lowbit.domains import DOMAINS, builders
 from lowbit.domains.task import DomainTask
 from lowbit.domains.techniques import TECHNIQUES, DomainTechnique
 
+# --quick times ONNX Runtime / OpenVINO for these rows only (PyTorch for every row): each export
+# and session costs seconds, and these are the rows a deployment picks from.
+QUICK_ONNX = ("float", "int8-dynamic", "int8-static", "int4-weight-only")
 # The --json schema: every row has these keys (None where a value does not apply).
 ROW_FIELDS = (
     "domain",
@@ -152,7 +155,12 @@ def outputs(model: nn.Module, inputs: Sequence[Any]) -> list[torch.Tensor]:
 
 
 def backend_latencies(
-    float_model: nn.Module, qmodel: nn.Module | None, batch: Any, repeats: int, onnx: bool = True
+    float_model: nn.Module,
+    qmodel: nn.Module | None,
+    batch: Any,
+    repeats: int,
+    onnx: bool = True,
+    min_seconds: float = 0.5,
 ) -> list[dict[str, Any]]:
     """Latency of ``qmodel`` (``None``: the float model alone) on ``batch`` on every backend present,
     each with the float model timed in the same run."""
@@ -164,10 +172,10 @@ def backend_latencies(
         from lowbit.batches import call_model
 
         with torch.no_grad():
-            ms = median_ms(lambda: call_model(float_model, batch), repeats=repeats)
+            ms = median_ms(lambda: call_model(float_model, batch), repeats=max(repeats, 5))
         rows.append(_latency_row("pytorch", backend_of(float_model), ms, ms, 1.0, False))
     else:
-        lat = compare_latency(float_model, qmodel, batch, repeats=repeats)
+        lat = compare_latency(float_model, qmodel, batch, repeats=repeats, min_seconds=min_seconds)
         rows.append(_latency_row("pytorch", lat.backend, lat.quant_ms, lat.float_ms, lat.speedup, lat.noisy))
         if not is_real_kernel(lat.backend):
             rows[-1]["note"] = "reference path (dequantize + float op): no speed-up claimed"
@@ -266,7 +274,7 @@ class _Float:
     latency: list[dict[str, Any]]
 
 
-def _measure_float(task: DomainTask, repeats: int, onnx: bool) -> _Float:
+def _measure_float(task: DomainTask, repeats: int, onnx: bool, min_seconds: float) -> _Float:
     from lowbit.eval.evaluate import measure_disk
 
     disk = measure_disk(task.model)
@@ -276,11 +284,13 @@ def _measure_float(task: DomainTask, repeats: int, onnx: bool) -> _Float:
         bytes=disk.disk_bytes,
         parameters=disk.size.parameters,
         bits=disk.size.bits_per_param,
-        latency=backend_latencies(task.model, None, task.inputs[0], repeats, onnx=onnx),
+        latency=backend_latencies(task.model, None, task.inputs[0], repeats, onnx, min_seconds),
     )
 
 
-def _rows_for(task: DomainTask, tech: DomainTechnique, base: _Float, repeats: int, onnx: bool) -> list[Row]:
+def _rows_for(
+    task: DomainTask, tech: DomainTechnique, base: _Float, repeats: int, onnx: bool, min_seconds: float
+) -> list[Row]:
     """The rows (one per metric) of one technique on one task."""
     from lowbit.eval.evaluate import measure_disk
     from lowbit.eval.metrics import mse as output_mse
@@ -325,7 +335,7 @@ def _rows_for(task: DomainTask, tech: DomainTechnique, base: _Float, repeats: in
             scores = task.score(qmodel)
             disk = measure_disk(qmodel)
             err = output_mse(base.outputs, outputs(qmodel, task.inputs))
-            latency = backend_latencies(task.model, qmodel, task.inputs[0], repeats, onnx=onnx)
+            latency = backend_latencies(task.model, qmodel, task.inputs[0], repeats, onnx, min_seconds)
     except Exception as exc:  # one technique failing on one model is a row, not a crash
         return [row(m, error=_error(exc)) for m in task.metrics]
     return [
@@ -375,6 +385,7 @@ def run_suite(
     if chosen[0].name != "float":  # every table needs its baseline
         chosen = [technique("float"), *[t for t in chosen if t.name != "float"]]
     repeats = repeats if repeats is not None else (5 if quick else 20)
+    min_seconds = 0.1 if quick else 0.5
     started = time.perf_counter()
     rows: list[Row] = []
     tasks: list[dict[str, Any]] = []
@@ -399,10 +410,11 @@ def run_suite(
                 continue
             build_s = time.perf_counter() - t0
             _say(stream, f"[{domain}] {name}: {task.description} (built in {build_s:.1f} s)")
-            base = _measure_float(task, repeats, onnx)
+            base = _measure_float(task, repeats, onnx, min_seconds)
             for tech in chosen:
                 t1 = time.perf_counter()
-                new = _rows_for(task, tech, base, repeats, onnx)
+                timed_onnx = onnx and (not quick or tech.name in QUICK_ONNX)
+                new = _rows_for(task, tech, base, repeats, timed_onnx, min_seconds)
                 rows.extend(new)
                 first = new[0]
                 shown = "n/a" if first.value is None else f"{first.value:.4g}"
