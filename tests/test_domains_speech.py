@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lowbit.domains import speech_data
-from lowbit.domains.speech import ctc_loss, heldout_batches, score_wer
+from lowbit.domains.speech import ctc_loss, padded_batches, score_wer
 from lowbit.domains.speech_data import (
     BLANK,
     N_MELS,
@@ -163,6 +163,16 @@ def test_models_forward_shapes_and_loss(factory: type[torch.nn.Module]) -> None:
     assert all(p.grad is not None for p in model.parameters())
     model.eval()
     split = speech_data.Split(features, lengths, targets, torch.tensor([3, 2]))
-    batches = heldout_batches(split, 2, batch=1)
+    batches = padded_batches(split, 2, batch=1)
     assert [tuple(f.shape) for f, _ in batches] == [(1, 60, N_MELS), (1, 41, N_MELS)]
     assert 0.0 <= score_wer(model, batches, split.references())
+
+
+def test_docstring_examples() -> None:
+    import doctest
+
+    from lowbit.domains import speech, speech_models
+
+    for module in (speech_data, speech_models, speech):
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+        assert result.failed == 0 and result.attempted > 0, module.__name__
