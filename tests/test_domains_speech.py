@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lowbit.domains import speech_data
+from lowbit.domains import speech, speech_data
 from lowbit.domains.speech import ctc_loss, padded_batches, score_wer
 from lowbit.domains.speech_data import (
     BLANK,
@@ -99,10 +99,13 @@ def test_splits_differ_in_sentences_and_voices() -> None:
     assert plan_utterances(5, ("m1",), seed=3) == plan_utterances(5, ("m1",), seed=3)  # seeded
 
 
-def test_missing_espeak_raises_with_install_hint(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_espeak_raises_with_install_hint(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(speech_data.shutil, "which", lambda name: None)
     with pytest.raises(RuntimeError, match="apt-get install espeak-ng"):
         speech_data.require_espeak()
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path))  # no cached corpus: the builder must synthesise
+    with pytest.raises(RuntimeError, match="apt-get install espeak-ng"):
+        speech.BUILDERS["ctc-lstm"](True)
 
 
 @needs_espeak
@@ -171,7 +174,7 @@ def test_models_forward_shapes_and_loss(factory: type[torch.nn.Module]) -> None:
 def test_docstring_examples() -> None:
     import doctest
 
-    from lowbit.domains import speech, speech_models
+    from lowbit.domains import speech_models
 
     for module in (speech_data, speech_models, speech):
         result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)

@@ -85,7 +85,7 @@ def synthesize(utt: Utterance, folder: Path, espeak: str | None = None) -> np.nd
     >>> synthesize(u, Path(tempfile.mkdtemp())).dtype  # doctest: +SKIP
     dtype('float32')
     """
-    from scipy.signal import resample_poly
+    from scipy.signal import resample_poly  # scipy comes with scikit-learn, a dependency
 
     espeak = espeak or require_espeak()
     text = " ".join(VOCAB[t - 1] for t in utt.words)
