@@ -141,13 +141,20 @@ def test_corpus_cache_round_trip(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
     assert calls == [6, 3] and seconds > 0
     assert train.features.shape == (6, int(train.lengths.max()), N_MELS) and len(held) == 3
     assert train.lengths.tolist() == [10 + 7 * int(n) for n in train.target_lengths]
-    assert speech_data.corpus_path().parent == tmp_path / "domains"
+    assert (
+        speech_data.corpus_path(6, 3).exists()
+        and speech_data.corpus_path(6, 3).parent == tmp_path / "domains"
+    )
     train2, held2, seconds2 = speech_data.load_corpus(n_train=6, n_heldout=3)
     assert calls == [6, 3] and seconds2 == 0.0  # served from the cache
     torch.testing.assert_close(train2.features, train.features, rtol=0, atol=0)
     assert held2.references() == held.references()
-    speech_data.load_corpus(n_train=5, n_heldout=3)  # another size: regenerated, not a stale file
+    speech_data.load_corpus(n_train=5, n_heldout=3)  # another size: its own file, not a stale one
     assert calls == [6, 3, 5, 3]
+    speech_data.corpus_path(6, 3).write_bytes(b"truncated")
+    with pytest.warns(UserWarning, match="unusable"):
+        speech_data.load_corpus(n_train=6, n_heldout=3)
+    assert calls == [6, 3, 5, 3, 6, 3]
 
 
 @pytest.mark.parametrize("factory", [CTCLSTM, CTCConformerLite])
