@@ -111,7 +111,8 @@ def train_epochs(
     steps = max(epochs * len(data), 1)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     model.train()
-    with tqdm(total=steps, desc=desc, disable=not progress, leave=False) as bar:
+    # disable=None: no bar when stderr is not a terminal (logs, CI), so they stay small.
+    with tqdm(total=steps, desc=desc, disable=True if not progress else None, leave=False) as bar:
         for _ in range(epochs):
             for batch in data:
                 opt.zero_grad(set_to_none=True)
