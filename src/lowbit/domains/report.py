@@ -93,6 +93,43 @@ def table_rows(rows: list[dict[str, Any]], domain: str) -> list[list[str]]:
     return out
 
 
+def pivot(rows: list[dict[str, Any]], domain: str) -> str:
+    """One compact Markdown table per domain: a row per technique, a column per (model, metric),
+    each cell ``value (bits/param)``; float in the first row.
+
+    >>> rows = [{"domain": "nlp", "model": "m", "technique": "float", "metric": "accuracy",
+    ...          "value": 90.0, "bits_per_param": 32.0}]
+    >>> pivot(rows, "nlp").splitlines()[2]
+    '| float | 90 (32.0) |'
+    """
+    cols: list[tuple[str, str]] = []
+    techs: list[str] = []
+    cell: dict[tuple[str, str, str], str] = {}
+    for r in rows:
+        if r["domain"] != domain or not r.get("metric"):
+            continue
+        col = (r["model"], r["metric"])
+        if col not in cols:
+            cols.append(col)
+        if r["technique"] not in techs:
+            techs.append(r["technique"])
+        if r.get("error"):
+            text = "failed"
+        elif r.get("value") is None:
+            text = "n/a"
+        else:
+            bits = r.get("bits_per_param")
+            text = _num(r["value"]) + ("" if bits is None else f" ({bits:.1f})")
+        cell[(r["technique"], *col)] = text
+    if not cols:
+        return ""
+    head = ["technique", *(f"{m} {metric}" for m, metric in cols)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for t in techs:
+        lines.append("| " + " | ".join([t, *(cell.get((t, *c), "") for c in cols)]) + " |")
+    return "\n".join(lines)
+
+
 def _used_columns(cells: list[list[str]]) -> list[int]:
     """Drop latency columns no row filled (no GPU, no ONNX Runtime)."""
     return [i for i, h in enumerate(HEADERS) if "ms (" not in h or any(c[i] for c in cells)]
@@ -135,10 +172,30 @@ def markdown(
         lines += [f"## {domain}", ""]
         for t in tasks or []:
             if t["domain"] == domain:
-                lines.append(f"- **{t['model']}**: {t.get('description') or t.get('error', '')}")
-        lines += ["", _md_table(cells), ""]
+                lines.append(
+                    f"- **{t['model']}**{_size(rows, t)}: {t.get('description') or t.get('error', '')}"
+                )
+        lines += [
+            "",
+            "Metric (bits / parameter stored):",
+            "",
+            pivot(rows, domain),
+            "",
+            "All measurements:",
+            "",
+        ]
+        lines += [_md_table(cells), ""]
     lines += ["## How to read the tables", ""] + [f"- {n}" for n in NOTES] + [""]
     return "\n".join(lines)
+
+
+def _size(rows: list[dict[str, Any]], task: dict[str, Any]) -> str:
+    """`` (N parameters, B bytes float)`` from the task's float row, or ``""``."""
+    for r in rows:
+        if r["domain"] == task["domain"] and r["model"] == task["model"] and r["technique"] == "float":
+            if r.get("parameters") and r.get("bytes"):
+                return f" ({r['parameters']:,} parameters, {r['bytes']:,} bytes as float32)"
+    return ""
 
 
 def chart_png(rows: list[dict[str, Any]], domain: str) -> bytes | None:
@@ -217,7 +274,7 @@ def html(meta: dict[str, Any], rows: list[dict[str, Any]], tasks: list[dict[str,
         for t in tasks or []:
             if t["domain"] == domain:
                 parts.append(
-                    f"<li><b>{escape(t['model'])}</b>: "
+                    f"<li><b>{escape(t['model'])}</b>{escape(_size(rows, t))}: "
                     f"{escape(t.get('description') or t.get('error', ''))}</li>"
                 )
         parts.append("</ul>")
