@@ -293,7 +293,6 @@ def _rows_for(
 ) -> list[Row]:
     """The rows (one per metric) of one technique on one task."""
     from lowbit.eval.evaluate import measure_disk
-    from lowbit.eval.metrics import mse as output_mse
 
     def row(metric: str, **values: Any) -> Row:
         return Row(
@@ -334,7 +333,7 @@ def _rows_for(
             built = time.perf_counter() - started
             scores = task.score(qmodel)
             disk = measure_disk(qmodel)
-            err = output_mse(base.outputs, outputs(qmodel, task.inputs))
+            err = _output_mse(base.outputs, outputs(qmodel, task.inputs))
             latency = backend_latencies(task.model, qmodel, task.inputs[0], repeats, onnx, min_seconds)
     except Exception as exc:  # one technique failing on one model is a row, not a crash
         return [row(m, error=_error(exc)) for m in task.metrics]
@@ -352,6 +351,16 @@ def _rows_for(
         )
         for m in task.metrics
     ]
+
+
+def _output_mse(reference: list[torch.Tensor], quantized: list[torch.Tensor]) -> float | None:
+    """Output MSE against float, or ``None`` when the outputs differ in size (a detector that
+    returns one row per object found: its own metric compares them)."""
+    from lowbit.eval.metrics import mse
+
+    if any(r.shape != q.shape for r, q in zip(reference, quantized, strict=True)):
+        return None
+    return mse(reference, quantized)
 
 
 def _say(stream: TextIO | None, text: str) -> None:

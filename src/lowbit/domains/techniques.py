@@ -47,7 +47,10 @@ def _qat4(task: DomainTask) -> nn.Module:
     from lowbit.domains.common import train_epochs
     from lowbit.qat import calibrate, convert, prepare, recipe
 
-    student = prepare(task.model, recipe(4), lsq=True, progress=False)
+    # example=: BatchNorms are folded by running the model (hooks) where fx cannot trace it (a
+    # detector's proposal step); without it they would only be frozen.
+    example = task.calibration[0] if task.calibration else None
+    student = prepare(task.model, recipe(4), lsq=True, progress=False, example=example)
     calibrate(student, task.calibration)
     train_epochs(
         student,
