@@ -420,9 +420,15 @@ def run_suite(
             build_s = time.perf_counter() - t0
             _say(stream, f"[{domain}] {name}: {task.description} (built in {build_s:.1f} s)")
             base = _measure_float(task, repeats, onnx, min_seconds)
+            # When the float model does not export, no quantized variant can be timed against it.
+            no_onnx = next((lat["error"] for lat in base.latency if lat.get("error")), None)
+            if no_onnx is not None:
+                task.notes.append(
+                    f"ONNX Runtime / OpenVINO not timed: the float model does not export ({no_onnx})"
+                )
             for tech in chosen:
                 t1 = time.perf_counter()
-                timed_onnx = onnx and (not quick or tech.name in QUICK_ONNX)
+                timed_onnx = onnx and no_onnx is None and (not quick or tech.name in QUICK_ONNX)
                 new = _rows_for(task, tech, base, repeats, timed_onnx, min_seconds)
                 rows.extend(new)
                 first = new[0]

@@ -15,6 +15,7 @@ True
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import statistics
 import sys
@@ -91,9 +92,12 @@ def ort_latency(
     example = kwargs if kwargs else args
     with tempfile.TemporaryDirectory(prefix="lowbit-ort-") as tmp:
         try:
-            with _quiet_native_stderr():
+            # torch's exporter prints the whole IR graph to stdout when it fails (a detector's
+            # data-dependent NMS): the error message below says what failed, in one line.
+            with _quiet_native_stderr(), contextlib.redirect_stdout(io.StringIO()):
                 export_onnx(float_model, Path(tmp) / "float.onnx", example)
-            report = export_onnx(qmodel, Path(tmp) / "quant.onnx", example)
+            with contextlib.redirect_stdout(io.StringIO()):
+                report = export_onnx(qmodel, Path(tmp) / "quant.onnx", example)
             # No spinning worker threads: they would keep burning the cores and slow whatever is
             # timed next (PyTorch rows included).
             sessions = [
