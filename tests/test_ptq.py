@@ -3,6 +3,8 @@ digits models keep their accuracy, every preset runs, and bad input gets a clear
 
 from __future__ import annotations
 
+import copy
+import tempfile
 import warnings
 
 import pytest
@@ -227,3 +229,22 @@ def test_granularity_choices_reach_the_weights():
     for text, expected in (("tensor", PerTensor()), ("channel", PerChannel(0)), ("group:16", PerGroup(16))):
         q = QuantizedLinear.from_float(lin, WeightSpec(format="int8", granularity=text))
         assert q.qweight.granularity == expected
+
+
+def test_short_weight_rows_keep_int8_under_four_bit_presets():
+    # A depthwise 3x3 conv (9 weights per row) and a first conv on one channel keep int8; the
+    # long-row layers get the preset's 4 bits. ``short_rows: recipe`` quantizes them all alike.
+    model = nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1), nn.Flatten(), nn.Linear(32 * 64, 10),
+    ).eval()  # fmt: skip
+    formats_of = lambda q: [q[i].qweight.fmt.name for i in (0, 2, 4, 6)]  # noqa: E731
+    q = lowbit.quantize(model, "int4-weight-only", progress=False)
+    assert formats_of(q) == ["int8", "int8", "uint4", "uint4"]
+    plain = lowbit.recipes.with_overrides("int4-weight-only", short_rows="recipe")
+    assert formats_of(lowbit.quantize(model, plain, progress=False)) == ["uint4"] * 4
+    x = torch.randn(4, 1, 8, 8)
+    with tempfile.TemporaryDirectory() as tmp:
+        lowbit.save(q, tmp + "/a")
+        again = lowbit.load(tmp + "/a", model=copy.deepcopy(model))
+    assert torch.equal(q(x), again(x))

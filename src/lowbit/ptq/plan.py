@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from lowbit import formats
 from lowbit.nn.layers import is_hf_conv1d
 from lowbit.recipes.spec import ActivationSpec, Recipe, WeightSpec
 
@@ -111,6 +112,30 @@ def _unsupported_reason(module: nn.Module) -> str | None:
     return f"{type(module).__name__} is not supported"
 
 
+# Weight rows shorter than this keep int8 under ``short_rows: int8`` (see ``Recipe``).
+SHORT_ROW = 16
+SHORT_ROW_INT8 = WeightSpec(format="int8", granularity="channel", symmetric=True, algorithm="rtn")
+
+
+def row_length(module: nn.Module) -> int:
+    """Values per output row of a linear / conv weight (the length of each dot product).
+
+    >>> row_length(nn.Conv2d(8, 8, 3, groups=8)), row_length(nn.Linear(64, 2))
+    (9, 64)
+    """
+    if is_hf_conv1d(module):
+        return int(module.weight.shape[0])  # HF Conv1D stores [in, out]
+    return int(module.weight[0].numel())
+
+
+def short_row_weight(module: nn.Module, weight: WeightSpec) -> WeightSpec:
+    """``SHORT_ROW_INT8`` for a layer with rows shorter than ``SHORT_ROW`` under a weight format
+    below 8 bits, else ``weight`` unchanged."""
+    if formats.get(weight.format).bits < 8 and row_length(module) < SHORT_ROW:
+        return SHORT_ROW_INT8
+    return weight
+
+
 def plan_model(model: nn.Module, recipe: Recipe) -> Plan:
     """Select the modules ``recipe`` quantizes (see the module docstring)."""
     plan = Plan()
@@ -149,6 +174,8 @@ def plan_model(model: nn.Module, recipe: Recipe) -> Plan:
             plan.unsupported.append((name, f"{custom}; quantizing it would change what it computes"))
             continue
         weight, activation = specs
+        if weight is not None and recipe.short_rows == "int8" and kind in ("linear", "conv"):
+            weight = short_row_weight(module, weight)
         if kind == "conv" and getattr(module, "padding_mode", "zeros") != "zeros":
             plan.unsupported.append((name, f"padding_mode={module.padding_mode!r}"))
             continue

@@ -12,8 +12,13 @@ _STATIC = ActivationSpec(
 )
 
 
-def _weights(description: str, name: str, **weight: object) -> Recipe:
-    return Recipe(name=name, description=description, weight=WeightSpec(**weight))  # type: ignore[arg-type]
+def _weights(description: str, name: str, short_rows: str = "recipe", **weight: object) -> Recipe:
+    return Recipe(name=name, description=description, weight=WeightSpec(**weight), short_rows=short_rows)  # type: ignore[arg-type]
+
+
+# The presets at 4 bits and below keep layers with short weight rows (depthwise convs) at int8:
+# see ``Recipe.short_rows``.
+_SHORT = "int8"
 
 
 def _data_aware(description: str, name: str, **weight: object) -> Recipe:
@@ -24,6 +29,7 @@ def _data_aware(description: str, name: str, **weight: object) -> Recipe:
         description=f"{description}; embeddings and output head int8",
         weight=WeightSpec(**weight),  # type: ignore[arg-type]
         embeddings_and_head="int8",
+        short_rows=_SHORT,
     )
 
 
@@ -48,6 +54,7 @@ PRESETS: dict[str, Recipe] = {
         _weights(
             "int4 weights, groups of 64 with zero points, MSE-searched clipping",
             "int4-weight-only",
+            short_rows=_SHORT,
             format="uint4",
             granularity="group:64",
             symmetric=False,
@@ -56,6 +63,7 @@ PRESETS: dict[str, Recipe] = {
         _weights(
             "int2 weights, groups of 32 with zero points, MSE-searched clipping",
             "int2-weight-only",
+            short_rows=_SHORT,
             format="uint2",
             granularity="group:32",
             symmetric=False,
@@ -117,11 +125,18 @@ PRESETS: dict[str, Recipe] = {
             activation=_STATIC,
             bias_correction=True,
         ),
-        _weights("NormalFloat-4 grid (QLoRA), groups of 64", "nf4", format="nf4", granularity="group:64"),
+        _weights(
+            "NormalFloat-4 grid (QLoRA), groups of 64",
+            "nf4",
+            format="nf4",
+            granularity="group:64",
+            short_rows=_SHORT,
+        ),
         _weights("fp8 e4m3 weights with a per-channel scale", "fp8", format="fp8_e4m3"),
         _weights(
             "MXFP4 (OCP microscaling): fp4 e2m1 weights, an e8m0 power-of-two scale per 32 (4.25 bits)",
             "mxfp4-weight-only",
+            short_rows=_SHORT,
             format="mxfp4",
             granularity="group:32",
         ),
@@ -134,6 +149,7 @@ PRESETS: dict[str, Recipe] = {
         _weights(
             "NVFP4: fp4 e2m1 weights, an fp8 e4m3 scale per 16 and one float32 per tensor (4.5 bits)",
             "nvfp4-weight-only",
+            short_rows=_SHORT,
             format="nvfp4",
             granularity="group:16",
         ),
