@@ -161,16 +161,12 @@ def _loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.T
 def top1(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 128) -> float:
     """Top-1 accuracy in percent of ``model`` on ``x`` (HF outputs or plain logits).
 
-    >>> top1(nn.Flatten(), torch.eye(3).reshape(3, 1, 3), torch.tensor([0, 1, 0]))
-    66.66666666666667
+    >>> round(top1(nn.Flatten(), torch.eye(3).reshape(3, 1, 3), torch.tensor([0, 1, 0])), 2)
+    66.67
     """
-    from lowbit.eval.metrics import output_tensor
+    from lowbit.eval.metrics import accuracy
 
-    correct = 0
-    with torch.no_grad():
-        for i in range(0, len(x), batch):
-            correct += int((output_tensor(model(x[i : i + batch])).argmax(-1) == y[i : i + batch]).sum())
-    return 100.0 * correct / len(x)
+    return 100.0 * accuracy(model, [(x[i : i + batch], y[i : i + batch]) for i in range(0, len(x), batch)])
 
 
 def _task(

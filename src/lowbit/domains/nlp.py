@@ -261,14 +261,12 @@ def _genre_data(split: str, tokenizer: Any) -> tuple[dict[str, torch.Tensor], to
 
 def accuracy(model: nn.Module, enc: dict[str, torch.Tensor], labels: torch.Tensor, batch: int = 128) -> float:
     """Top-1 accuracy in percent on tokenised ``enc``."""
-    from lowbit.eval.metrics import output_tensor
+    from lowbit.eval.metrics import accuracy as fraction_correct
 
-    correct = 0
-    with torch.no_grad():
-        for i, b in enumerate(_chunks(enc, batch)):
-            pred = output_tensor(model(**b)).argmax(-1)
-            correct += int((pred == labels[i * batch : (i + 1) * batch]).sum())
-    return 100.0 * correct / len(labels)
+    chunks = _chunks(enc, batch)
+    return 100.0 * fraction_correct(
+        model, [(b, labels[i * batch : (i + 1) * batch]) for i, b in enumerate(chunks)]
+    )
 
 
 def _genre_task(

@@ -67,34 +67,14 @@ def _qat4(task: DomainTask) -> nn.Module:
 def _pruned_int8(task: DomainTask) -> nn.Module:
     """Magnitude pruning to 50% per layer in two steps with fine-tuning, then int8 static."""
     import lowbit
-    from lowbit.domains.common import train_epochs
-    from lowbit.pruning import magnitude_masks
+    from lowbit.pruning import iterative_prune
 
     model = copy.deepcopy(task.model)
-    for amount in (0.3, 0.5):
-        masks = magnitude_masks(model, amount)
-        masks.apply(model)
-        # Re-apply after every step so the optimiser cannot revive pruned weights.
-        train_epochs(
-            model,
-            task.train_data,
-            _masked(task.loss, masks, model),
-            task.finetune_epochs,
-            task.finetune_lr,
-            desc=f"prune {task.name}",
-            progress=False,
-        )
-        masks.apply(model)
-    model.eval()
-    return lowbit.quantize(model, "int8-static", calibration=task.calibration or None, progress=False)
-
-
-def _masked(loss, masks, model: nn.Module):  # noqa: ANN001, ANN202
-    def masked_loss(m: nn.Module, batch):  # noqa: ANN001, ANN202
-        masks.apply(model)
-        return loss(m, batch)
-
-    return masked_loss
+    iterative_prune(
+        model, 0.5, task.train_data, steps=2, epochs_per_step=task.finetune_epochs, loss_fn=task.loss,
+        lr=task.finetune_lr, progress=False,
+    )  # fmt: skip
+    return lowbit.quantize(model.eval(), "int8-static", calibration=task.calibration or None, progress=False)
 
 
 def _float(task: DomainTask) -> nn.Module:
