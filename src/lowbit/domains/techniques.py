@@ -103,7 +103,6 @@ TECHNIQUES: list[DomainTechnique] = [
         trains=True,
     ),
 ]
-QUICK = tuple(t.name for t in TECHNIQUES)  # --quick keeps every row; it shrinks data and repeats
 
 
 def technique(name: str) -> DomainTechnique:

@@ -235,7 +235,7 @@ class Recipe:
             output channel instead of a format below 8 bits. Such rows have few values to spread
             a 4-bit grid over and no long dot product to average the error out; they cost almost
             no bytes (an SSD-style detector's depthwise convs at int4 cost 7.8 mAP@0.5 points, at
-            int8 0.5; issue 19).
+            int8 0.6; issue 19).
         allow_saturation: float weight formats (``fp16``, ``bf16``) clip values beyond their range
             (``fp16`` stores 1e6 as 65504); ``False`` refuses such a model with a ``ModelError``
             naming each layer and its count of saturated values, ``True`` quantizes it with a
