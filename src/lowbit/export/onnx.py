@@ -18,12 +18,14 @@ ONNX's float recurrent ops on the dequantized weights and reported as such.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import io
 import json
 import warnings
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -199,6 +201,22 @@ def _float_rnn(layer: QuantizedRNN) -> nn.Module:
     return rnn.eval()
 
 
+@contextlib.contextmanager
+def _no_ir_dump() -> Iterator[None]:
+    """Keep a failed export from printing torch's whole IR graph (thousands of lines) to stdout.
+
+    torch's TorchScript exporter turns its ONNX log on for every export (its guard tests the
+    function ``_jit_is_onnx_log_enabled`` itself, always true, not its result), and on an error
+    logs the graph. The error itself still propagates; only the log call is silenced here.
+    """
+    original = torch._C._jit_onnx_log
+    torch._C._jit_onnx_log = lambda *args: None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        torch._C._jit_onnx_log = original  # type: ignore[assignment]
+
+
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
     if not name:
         return new
@@ -311,7 +329,7 @@ def export_onnx(
             if isinstance(m, _Marker):
                 m.static = not dynamic_axes
         buffer = io.BytesIO()
-        with warnings.catch_warnings(record=True) as caught:
+        with warnings.catch_warnings(record=True) as caught, _no_ir_dump():
             warnings.simplefilter("always")  # tracer warnings about Python control flow: kept for the check
             torch.onnx.export(
                 wrapped, spec.tensors, buffer, dynamo=False, opset_version=opset, input_names=spec.names,
