@@ -91,8 +91,10 @@ def output_mse(weight: torch.Tensor, qweight: torch.Tensor, gram_matrix: torch.T
     >>> abs(output_mse(w, w / 2, gram(x)) - direct) < 1e-4 * direct
     True
     """
-    delta = weight.double() - qweight.double()
-    return float(((delta @ gram_matrix) * delta).sum())
+    # In the Gram matrix's dtype: the scale search passes a float32 copy (a float64 matmul per
+    # candidate was most of AWQ's time; float32 ranks candidates the same), the sum in float64.
+    delta = weight.to(gram_matrix.dtype) - qweight.to(gram_matrix.dtype)
+    return float(((delta @ gram_matrix) * delta).sum(dtype=torch.float64))
 
 
 def scales_for_alpha(act_mean: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -204,6 +206,7 @@ def awq_search_scales(
         candidates = [ones] + [duo_scales(act_mean, w_mean, i / n_grid) for i in range(n_grid + 1)]
     else:  # alpha = 0 gives s = 1 exactly
         candidates = [scales_for_alpha(act_mean, i / n_grid) for i in range(n_grid + 1)]
+    g32 = None if g is None else g.float()
     best_s = torch.ones(cols, device=weights[0].device)
     best_err = float("inf")
     for s in candidates:
@@ -212,8 +215,8 @@ def awq_search_scales(
         if loss is not None:
             err = float(loss(effective))
         else:
-            assert g is not None
-            err = sum(output_mse(w, e, g) for w, e in zip(floats, effective, strict=True))
+            assert g32 is not None
+            err = sum(output_mse(w, e, g32) for w, e in zip(floats, effective, strict=True))
         if err < best_err:
             best_err, best_s = err, s
     return best_s.float()
