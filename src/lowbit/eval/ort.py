@@ -69,6 +69,32 @@ def _as_args(batch: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     return (batch,), {}
 
 
+def export_float(float_model: nn.Module, batch: Any, path: Path) -> str | None:
+    """Export ``float_model`` to ``path`` once, for several ``ort_latency(..., float_onnx=path)``
+    calls; returns the one-line error instead when it does not export.
+
+    >>> import tempfile, torch
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     export_float(torch.nn.Linear(4, 2), torch.randn(3, 4), Path(tmp) / "f.onnx") is None
+    True
+    """
+    from lowbit.export.onnx import export_onnx
+
+    args, kwargs = _as_args(batch)
+    try:
+        # torch's exporter prints to stdout and, for a model with no quantized layer, warns about
+        # the unused custom opset on fd 2: the error message below says what failed, in one line.
+        with _quiet_native_stderr(), contextlib.redirect_stdout(io.StringIO()):
+            export_onnx(float_model, path, kwargs if kwargs else args)
+    except Exception as err:  # export support differs per model; report it, do not crash a table
+        return _one_line(err)
+    return None
+
+
+def _one_line(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}".splitlines()[0][:300]
+
+
 def ort_latency(
     float_model: nn.Module,
     qmodel: nn.Module,
@@ -76,12 +102,15 @@ def ort_latency(
     repeats: int = 20,
     warmup: int = 3,
     openvino: bool = False,
+    float_onnx: Path | None = None,
 ) -> dict[str, Any] | None:
     """ORT milliseconds (medians, interleaved) of the float and quantized exports on ``batch``.
 
     Returns ``None`` without ONNX support, ``{"error": ...}`` when export fails (the message says
     which layer), else ``float_ms``, ``quant_ms``, ``speedup``, ``backend``, ``kernels`` (count per
-    ONNX kernel of the quantized layers) and ``onnx_bytes``.
+    ONNX kernel of the quantized layers) and ``onnx_bytes``. ``float_onnx``: the float model already
+    exported on this batch by ``export_float`` (a bench timing many variants of one model); with
+    ``qmodel is float_model`` that file is timed against itself.
     """
     if not available():
         return None
@@ -89,40 +118,45 @@ def ort_latency(
     from lowbit.runtime import load
 
     args, kwargs = _as_args(batch)
-    example = kwargs if kwargs else args
     with tempfile.TemporaryDirectory(prefix="lowbit-ort-") as tmp:
+        float_path = Path(float_onnx) if float_onnx is not None else Path(tmp) / "float.onnx"
+        quant_path = Path(tmp) / "quant.onnx"
+        kernels: dict[str, int] = {}
+        if float_onnx is None and (error := export_float(float_model, batch, float_path)):
+            return {"error": error}
         try:
-            # torch's exporter prints the whole IR graph to stdout when it fails (a detector's
-            # data-dependent NMS): the error message below says what failed, in one line.
-            with _quiet_native_stderr(), contextlib.redirect_stdout(io.StringIO()):
-                export_onnx(float_model, Path(tmp) / "float.onnx", example)
-            with contextlib.redirect_stdout(io.StringIO()):
-                report = export_onnx(qmodel, Path(tmp) / "quant.onnx", example)
+            if qmodel is float_model:
+                quant_path = float_path
+            else:
+                with contextlib.redirect_stdout(io.StringIO()):
+                    report = export_onnx(qmodel, quant_path, kwargs if kwargs else args)
+                kernels = dict(Counter(layer.kernel for layer in report.layers))
             # No spinning worker threads: they would keep burning the cores and slow whatever is
             # timed next (PyTorch rows included).
-            sessions = [
-                load(Path(tmp) / "float.onnx", spin=False),
-                load(Path(tmp) / "quant.onnx", spin=False),
-            ]
+            sessions = [load(float_path, spin=False), load(quant_path, spin=False)]
         except Exception as err:  # export support differs per format; report it, do not crash a table
-            return {"error": f"{type(err).__name__}: {err}".splitlines()[0][:300]}
+            return {"error": _one_line(err)}
         feeds = [s.feeds(*args, **kwargs) for s in sessions]
         f_times, q_times = interleaved_ms(
             [lambda: sessions[0].run_feeds(feeds[0]), lambda: sessions[1].run_feeds(feeds[1])],
             repeats=repeats,
             warmup=warmup,
         )
-        ov = _openvino_latency(Path(tmp), feeds, sessions[1].threads, repeats, warmup) if openvino else None
+        ov = (
+            _openvino_latency((float_path, quant_path), feeds, sessions[1].threads, repeats, warmup)
+            if openvino
+            else None
+        )
+        onnx_bytes = quant_path.stat().st_size
     float_ms, quant_ms = statistics.median(f_times), statistics.median(q_times)
     noise = max(spread(f_times), spread(q_times))
-    kernels = dict(Counter(layer.kernel for layer in report.layers))
     return {
         "backend": f"{sessions[1].backend} ({', '.join(f'{k} x{n}' for k, n in kernels.items()) or 'float'})",
         "float_ms": float_ms,
         "quant_ms": quant_ms,
         "speedup": float_ms / quant_ms if quant_ms > 0 else None,
         "kernels": kernels,
-        "onnx_bytes": report.file_bytes,
+        "onnx_bytes": onnx_bytes,
         "threads": sessions[1].threads,
         "repeats": len(f_times),
         "spread": noise,
@@ -132,18 +166,15 @@ def ort_latency(
 
 
 def _openvino_latency(
-    folder: Path, feeds: list[dict[str, Any]], threads: int, repeats: int, warmup: int
+    paths: tuple[Path, Path], feeds: list[dict[str, Any]], threads: int, repeats: int, warmup: int
 ) -> dict[str, Any] | None:
-    """OpenVINO medians of ``folder``'s float.onnx and quant.onnx (``None`` when not installed)."""
+    """OpenVINO medians of the float and quantized ONNX files (``None`` when not installed)."""
     from lowbit.eval.openvino import OpenVinoModel
 
     if not OpenVinoModel.available():
         return None
     try:
-        models = [
-            OpenVinoModel(folder / "float.onnx", threads),
-            OpenVinoModel(folder / "quant.onnx", threads),
-        ]
+        models = [OpenVinoModel(path, threads) for path in paths]
         for model, feed in zip(models, feeds, strict=True):
             model.check(feed)
     except Exception as err:  # OpenVINO refusing a graph (contrib ops) is a finding, not a crash
