@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -56,8 +57,9 @@ def cached_training(
 class Shuffled:
     """Re-iterable seeded mini-batches over aligned tensors (or lists) ``items``.
 
-    Each pass reshuffles with the next seed of one generator, so two runs with one seed see the
-    same batches.
+    Each pass reshuffles with the next draw of one generator, so two runs with one seed see the
+    same batches; ``rewind()`` starts the sequence again, so a fine-tuning row sees the same
+    batches whether or not the model was just trained on this data (a cold or a warm cache).
 
     >>> import torch
     >>> b = Shuffled((torch.arange(10), torch.arange(10) * 2), batch_size=4, seed=0)
@@ -65,14 +67,22 @@ class Shuffled:
     [(4,), (4,), (2,)]
     >>> all(bool((y == 2 * x).all()) for x, y in b)
     True
+    >>> first = next(iter(b.rewind()))[0]; _ = list(b); bool((next(iter(b.rewind()))[0] == first).all())
+    True
     """
 
     def __init__(self, items: tuple[Any, ...], batch_size: int, seed: int = 0, shuffle: bool = True) -> None:
         self.items = items
         self.batch_size = batch_size
         self.shuffle = shuffle
+        self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
         self.n = len(items[0])
+
+    def rewind(self) -> Shuffled:
+        """Start the pass sequence from the seed again; returns ``self``."""
+        self.generator.manual_seed(self.seed)
+        return self
 
     def __len__(self) -> int:
         return (self.n + self.batch_size - 1) // self.batch_size
@@ -82,6 +92,36 @@ class Shuffled:
         for start in range(0, self.n, self.batch_size):
             idx = order[start : start + self.batch_size]
             yield tuple(_take(item, idx) for item in self.items)
+
+
+class FirstBatches:
+    """The first ``n`` batches of every pass over ``data`` (a re-iterable with a length): a quick
+    run's shorter fine-tuning.
+
+    >>> short = FirstBatches(Shuffled((torch.arange(10),), batch_size=2), 3)
+    >>> len(short), len(list(short))
+    (3, 3)
+    """
+
+    def __init__(self, data: Any, n: int) -> None:
+        self.data = data
+        self.n = max(int(n), 1)
+
+    def __len__(self) -> int:
+        return min(self.n, len(self.data))
+
+    def __iter__(self) -> Iterator[Any]:
+        return itertools.islice(iter(self.data), self.n)
+
+    def rewind(self) -> FirstBatches:
+        rewound(self.data)
+        return self
+
+
+def rewound(data: Any) -> Any:
+    """``data`` with its shuffling restarted (``rewind()``) when it has one, else ``data``."""
+    rewind = getattr(data, "rewind", None)
+    return rewind() if callable(rewind) else data
 
 
 def _take(item: Any, idx: torch.Tensor) -> Any:

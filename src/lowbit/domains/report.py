@@ -54,6 +54,8 @@ def _latency(row: dict[str, Any], runtime: str) -> str:
             return "failed"
         ms = lat.get("latency_ms")
         speed = lat.get("speedup")
+        if ms is None and lat.get("note"):
+            return "ref, not timed"
         text = f"{ms:.2f}" if ms is not None else "n/a"
         if row["technique"] != "float":
             text += f" ({speed:.2f}x)" if speed is not None else " (ref)"

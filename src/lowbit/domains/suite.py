@@ -20,23 +20,32 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import os
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, TextIO
 
 import torch
 from torch import nn
 
-from lowbit.domains import DOMAINS, builders
+from lowbit.domains import DOMAIN_MODULES, DOMAINS, builders
+from lowbit.domains.common import FirstBatches
 from lowbit.domains.task import DomainTask
 from lowbit.domains.techniques import TECHNIQUES, DomainTechnique
 
 # --quick times ONNX Runtime / OpenVINO for these rows only (PyTorch for every row): each export
 # and session costs seconds, and these are the rows a deployment picks from.
-QUICK_ONNX = ("float", "int8-dynamic", "int8-static", "int4-weight-only")
+QUICK_ONNX = ("float", "int8-dynamic", "int8-static")
+# --quick fine-tunes (QAT, pruning) on this share of each pass over the training batches.
+QUICK_FINETUNE_SHARE = 0.5
+# Domains in the order their models are built in parallel: longest first (cold --quick run on 2
+# cores: speech ~110 s with its corpus, nlp ~90 s, detection ~90 s, classification ~75 s).
+BUILD_ORDER = ("speech", "nlp", "detection", "classification")
 # The --json schema: every row has these keys (None where a value does not apply).
 ROW_FIELDS = (
     "domain",
@@ -161,9 +170,14 @@ def backend_latencies(
     repeats: int,
     onnx: bool = True,
     min_seconds: float = 0.5,
+    float_onnx: Path | None = None,
+    time_reference: bool = True,
 ) -> list[dict[str, Any]]:
     """Latency of ``qmodel`` (``None``: the float model alone) on ``batch`` on every backend present,
-    each with the float model timed in the same run."""
+    each with the float model timed in the same run. ``float_onnx``: the float model's export on
+    ``batch`` (``lowbit.eval.ort.export_float``), reused instead of exporting it again.
+    ``time_reference=False``: a PyTorch model that runs the reference path only is not timed (it
+    could not be called faster anyway); its row names the path."""
     from lowbit.eval.latency import backend_of, compare_latency, is_real_kernel, median_ms
     from lowbit.eval.ort import available, ort_latency
 
@@ -174,14 +188,25 @@ def backend_latencies(
         with torch.no_grad():
             ms = median_ms(lambda: call_model(float_model, batch), repeats=max(repeats, 5))
         rows.append(_latency_row("pytorch", backend_of(float_model), ms, ms, 1.0, False))
+    elif not time_reference and not is_real_kernel(backend_of(qmodel)):
+        rows.append(_latency_row("pytorch", backend_of(qmodel), None, None, None, False))
+        rows[-1]["note"] = "reference path (dequantize + float op): not timed in --quick"
     else:
-        lat = compare_latency(float_model, qmodel, batch, repeats=repeats, min_seconds=min_seconds)
+        lat = compare_latency(
+            float_model, qmodel, batch, repeats=repeats, warmup=min(repeats, 3), min_seconds=min_seconds
+        )
         rows.append(_latency_row("pytorch", lat.backend, lat.quant_ms, lat.float_ms, lat.speedup, lat.noisy))
         if not is_real_kernel(lat.backend):
             rows[-1]["note"] = "reference path (dequantize + float op): no speed-up claimed"
     if onnx and available():
         ort = ort_latency(
-            float_model, qmodel if qmodel is not None else float_model, batch, repeats=repeats, openvino=True
+            float_model,
+            qmodel if qmodel is not None else float_model,
+            batch,
+            repeats=repeats,
+            warmup=min(repeats, 3),
+            openvino=True,
+            float_onnx=float_onnx,
         )
         if ort is not None:
             rows.append(_runtime_row("onnxruntime", ort))
@@ -193,7 +218,7 @@ def backend_latencies(
 
 
 def _latency_row(
-    runtime: str, backend: str, ms: float, float_ms: float, speedup: float | None, noisy: bool
+    runtime: str, backend: str, ms: float | None, float_ms: float | None, speedup: float | None, noisy: bool
 ) -> dict[str, Any]:
     return {
         "runtime": runtime,
@@ -272,24 +297,45 @@ class _Float:
     parameters: int
     bits: float
     latency: list[dict[str, Any]]
+    onnx_path: Path | None  # the float export every row's ONNX timing reuses
+    onnx_error: str | None  # why the float model does not export (then no row is timed in ONNX)
 
 
-def _measure_float(task: DomainTask, repeats: int, onnx: bool, min_seconds: float) -> _Float:
+def _measure_float(task: DomainTask, repeats: int, onnx: bool, min_seconds: float, folder: Path) -> _Float:
     from lowbit.eval.evaluate import measure_disk
+    from lowbit.eval.ort import available, export_float
 
     disk = measure_disk(task.model)
+    path: Path | None = None
+    error: str | None = None
+    if onnx and available():
+        path = folder / "float.onnx"
+        error = export_float(task.model, task.inputs[0], path)
+    latency = backend_latencies(
+        task.model, None, task.inputs[0], repeats, onnx and error is None, min_seconds, float_onnx=path
+    )
+    if error is not None:
+        latency.append(_runtime_row("onnxruntime", {"error": error}))
     return _Float(
         scores=task.score(task.model),
         outputs=outputs(task.model, task.inputs),
         bytes=disk.disk_bytes,
         parameters=disk.size.parameters,
         bits=disk.size.bits_per_param,
-        latency=backend_latencies(task.model, None, task.inputs[0], repeats, onnx, min_seconds),
+        latency=latency,
+        onnx_path=None if error else path,
+        onnx_error=error,
     )
 
 
 def _rows_for(
-    task: DomainTask, tech: DomainTechnique, base: _Float, repeats: int, onnx: bool, min_seconds: float
+    task: DomainTask,
+    tech: DomainTechnique,
+    base: _Float,
+    repeats: int,
+    onnx: bool,
+    min_seconds: float,
+    quick: bool = False,
 ) -> list[Row]:
     """The rows (one per metric) of one technique on one task."""
     from lowbit.eval.evaluate import measure_disk
@@ -334,7 +380,16 @@ def _rows_for(
             scores = task.score(qmodel)
             disk = measure_disk(qmodel)
             err = _output_mse(base.outputs, outputs(qmodel, task.inputs))
-            latency = backend_latencies(task.model, qmodel, task.inputs[0], repeats, onnx, min_seconds)
+            latency = backend_latencies(
+                task.model,
+                qmodel,
+                task.inputs[0],
+                repeats,
+                onnx,
+                min_seconds,
+                float_onnx=base.onnx_path,
+                time_reference=not quick,
+            )
     except Exception as exc:  # one technique failing on one model is a row, not a crash
         return [row(m, error=_error(exc)) for m in task.metrics]
     return [
@@ -368,6 +423,65 @@ def _say(stream: TextIO | None, text: str) -> None:
         print(text, file=stream, flush=True)
 
 
+def _prebuild(
+    domains: list[str], models: Sequence[str] | None, quick: bool, workers: int, stream: TextIO | None
+) -> dict[str, float | None]:
+    """Train (or load) the run's models in ``workers`` processes first; seconds per job."""
+    from lowbit.domains.prebuild import Job, prebuild
+
+    if workers < 2:
+        return {}
+    jobs = []
+    for domain in sorted(domains, key=lambda d: BUILD_ORDER.index(d) if d in BUILD_ORDER else -1):
+        try:
+            names = tuple(n for n in builders(domain) if not models or n in models)
+        except ImportError:  # reported as a row by the main loop
+            continue
+        if names:
+            jobs.append(Job(DOMAIN_MODULES[domain], names))
+    t0 = time.perf_counter()
+    seconds = prebuild(jobs, quick, workers)
+    _say(stream, f"[build] models trained or loaded in {workers} processes: {time.perf_counter() - t0:.1f} s")
+    return seconds
+
+
+def _task_rows(
+    task: DomainTask,
+    chosen: Sequence[DomainTechnique],
+    quick: bool,
+    repeats: int,
+    onnx: bool,
+    min_seconds: float,
+    stream: TextIO | None,
+    on_row: Callable[[Row], None] | None,
+) -> list[Row]:
+    """Every technique's rows on one built task, printed as they come."""
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="lowbit-domains-") as folder:
+        base = _measure_float(task, repeats, onnx, min_seconds, Path(folder))
+        # When the float model does not export, no quantized variant can be timed against it.
+        if base.onnx_error is not None:
+            task.notes.append(
+                f"ONNX Runtime / OpenVINO not timed: the float model does not export ({base.onnx_error})"
+            )
+        for tech in chosen:
+            t1 = time.perf_counter()
+            timed_onnx = onnx and base.onnx_error is None and (not quick or tech.name in QUICK_ONNX)
+            new = _rows_for(task, tech, base, repeats, timed_onnx, min_seconds, quick)
+            rows.extend(new)
+            first = new[0]
+            shown = "n/a" if first.value is None else f"{first.value:.4g}"
+            _say(
+                stream,
+                f"    {tech.name:<20} {task.primary}={shown:<8} ({time.perf_counter() - t1:.1f} s)"
+                + (f"  ERROR {first.error}" if first.error else ""),
+            )
+            if on_row is not None:
+                for r in new:
+                    on_row(r)
+    return rows
+
+
 def run_suite(
     *,
     domains: Sequence[str] | None = None,
@@ -378,12 +492,17 @@ def run_suite(
     onnx: bool = True,
     stream: TextIO | None = sys.stdout,
     on_row: Callable[[Row], None] | None = None,
+    workers: int | None = None,
 ) -> SuiteResult:
     """Build, quantize and score every task of ``domains`` (default all) with every technique.
 
-    ``models`` / ``techniques`` restrict the run by name; ``quick`` shrinks held-out data and
-    timing repeats (every row is still measured). ``onnx=False`` skips the ONNX Runtime / OpenVINO
-    latency columns.
+    ``models`` / ``techniques`` restrict the run by name. ``quick`` shrinks held-out data and
+    timing repeats, times ONNX Runtime / OpenVINO for ``QUICK_ONNX`` rows only and fine-tunes the
+    training rows on ``QUICK_FINETUNE_SHARE`` of each pass (every row is still measured; the
+    trained models and their cache are the same). ``onnx=False`` skips the ONNX Runtime /
+    OpenVINO latency columns. ``workers``: processes that train or load the models (and build the
+    C++ kernel) before anything is measured (``lowbit.domains.prebuild``; default 2 where there
+    are 2 or more cores, 1: build each model in the main run).
 
     >>> result = run_suite(domains=["classification"], models=["none"], stream=None)  # doctest: +SKIP
     """
@@ -393,11 +512,13 @@ def run_suite(
     chosen = [technique(t) for t in techniques] if techniques else list(TECHNIQUES)
     if chosen[0].name != "float":  # every table needs its baseline
         chosen = [technique("float"), *[t for t in chosen if t.name != "float"]]
-    repeats = repeats if repeats is not None else (5 if quick else 20)
+    repeats = repeats if repeats is not None else (3 if quick else 20)
     min_seconds = 0.1 if quick else 0.5
     started = time.perf_counter()
     rows: list[Row] = []
     tasks: list[dict[str, Any]] = []
+    workers = workers if workers is not None else (2 if (os.cpu_count() or 1) >= 2 else 1)
+    build_seconds = _prebuild(list(domains or DOMAINS), models, quick, workers, stream)
     for domain in domains or DOMAINS:
         try:
             domain_builders = builders(domain)
@@ -419,28 +540,9 @@ def run_suite(
                 continue
             build_s = time.perf_counter() - t0
             _say(stream, f"[{domain}] {name}: {task.description} (built in {build_s:.1f} s)")
-            base = _measure_float(task, repeats, onnx, min_seconds)
-            # When the float model does not export, no quantized variant can be timed against it.
-            no_onnx = next((lat["error"] for lat in base.latency if lat.get("error")), None)
-            if no_onnx is not None:
-                task.notes.append(
-                    f"ONNX Runtime / OpenVINO not timed: the float model does not export ({no_onnx})"
-                )
-            for tech in chosen:
-                t1 = time.perf_counter()
-                timed_onnx = onnx and no_onnx is None and (not quick or tech.name in QUICK_ONNX)
-                new = _rows_for(task, tech, base, repeats, timed_onnx, min_seconds)
-                rows.extend(new)
-                first = new[0]
-                shown = "n/a" if first.value is None else f"{first.value:.4g}"
-                _say(
-                    stream,
-                    f"    {tech.name:<20} {task.primary}={shown:<8} ({time.perf_counter() - t1:.1f} s)"
-                    + (f"  ERROR {first.error}" if first.error else ""),
-                )
-                if on_row is not None:
-                    for r in new:
-                        on_row(r)
+            if quick and task.train_data:
+                task.train_data = FirstBatches(task.train_data, len(task.train_data) * QUICK_FINETUNE_SHARE)
+            rows.extend(_task_rows(task, chosen, quick, repeats, onnx, min_seconds, stream, on_row))
             tasks.append(
                 {
                     "domain": domain,
@@ -455,6 +557,8 @@ def run_suite(
     meta = {
         "title": "lowbit domain tables",
         "quick": quick,
+        "workers": workers,
+        "prebuild_seconds": build_seconds,
         "repeats": repeats,
         "seconds": time.perf_counter() - started,
         "environment": environment(),

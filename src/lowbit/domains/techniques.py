@@ -17,8 +17,10 @@ import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
+from lowbit.domains.common import rewound
 from lowbit.domains.task import DomainTask
 
 
@@ -40,6 +42,20 @@ def _preset(name: str) -> Callable[[DomainTask], nn.Module]:
         return lowbit.quantize(task.model, name, calibration=task.calibration or None, progress=False)
 
     return build
+
+
+def _reproducible(build: Callable[[DomainTask], nn.Module]) -> Callable[[DomainTask], nn.Module]:
+    """A training row that gives one result per task: the global RNG seeded (then restored) and
+    the training batches rewound, whatever ran before it (training the float model on a cold
+    cache, another row, a ``--techniques`` subset)."""
+
+    def build_seeded(task: DomainTask) -> nn.Module:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            rewound(task.train_data)
+            return build(task)
+
+    return build_seeded
 
 
 def _qat4(task: DomainTask) -> nn.Module:
@@ -94,10 +110,12 @@ TECHNIQUES: list[DomainTechnique] = [
         "kmeans-4bit", _preset("kmeans-4bit"), "vector quantization", "16-entry k-means per layer"
     ),
     DomainTechnique("pq", _preset("pq"), "product quantization", "16 codewords per 4-value sub-space"),
-    DomainTechnique("QAT 4-bit", _qat4, "QAT", "W4A4 LSQ, fine-tuned with the task loss", trains=True),
+    DomainTechnique(
+        "QAT 4-bit", _reproducible(_qat4), "QAT", "W4A4 LSQ, fine-tuned with the task loss", trains=True
+    ),
     DomainTechnique(
         "pruned 50% + int8",
-        _pruned_int8,
+        _reproducible(_pruned_int8),
         "pruning",
         "50% magnitude pruning, fine-tuned, int8 static",
         trains=True,
