@@ -3,10 +3,11 @@
 On a cold cache training is most of a run. These models are small: one process with two threads
 keeps two cores only partly busy (a MobileNetV2-style epoch: 3.06 s on 2 threads, 4.19 s on 1;
 two 1-thread processes side by side: 4.5-4.9 s each, so 1.25-1.35x the work per second), and
-lowbit's C++ kernel compiles on one core. So the builders of each domain run in order in one of
-``workers`` spawned processes with an equal share of the threads, the kernel builds in another
-job, and each result lands in the user cache. The run then measures serially in the main process,
-loading every model from the cache: nothing timed ever shares the CPU with a worker.
+lowbit's C++ kernel compiles on one core. So the builders run in ``workers`` spawned processes
+with an equal share of the threads (one job per model, or one per domain whose builders share
+data they make: ``BUILD_TOGETHER``), the kernel compiles in the main process beside them, and
+each result lands in the user cache. The run then measures serially in the main process, loading
+every model from the cache: nothing timed ever shares the CPU with a worker.
 
 A job that fails (a missing package or program) is not an error here: the main run builds that
 task again and reports the reason in its row.
@@ -87,8 +88,9 @@ def prebuild(
     pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(threads,))
     with pool:
         futures = [pool.submit(_run_job, job, quick) for job in jobs]
-        if kernel:
-            futures.append(pool.submit(_build_kernel))
+        if kernel:  # here, beside the workers: the compiler uses one core, and this process loads it
+            label, spent, error = _build_kernel()
+            seconds[label] = None if error else spent
         for future in as_completed(futures):
             try:
                 label, spent, error = future.result()

@@ -156,6 +156,9 @@ def build_ctc_conformer_lite(quick: bool = False) -> DomainTask:
     )
 
 
+# The first builder synthesises the corpus the second reads: a parallel build runs them in order
+# in one worker (``lowbit.domains.prebuild``), not side by side (twice the espeak-ng work).
+BUILD_TOGETHER = True
 BUILDERS: dict[str, Callable[[bool], DomainTask]] = {
     "ctc-lstm": build_ctc_lstm,
     "ctc-conformer-lite": build_ctc_conformer_lite,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib
 import math
 import os
 import sys
@@ -431,14 +432,20 @@ def _prebuild(
 
     if workers < 2:
         return {}
-    jobs = []
+    grouped, single = [], []
     for domain in sorted(domains, key=lambda d: BUILD_ORDER.index(d) if d in BUILD_ORDER else -1):
         try:
-            names = tuple(n for n in builders(domain) if not models or n in models)
+            found = builders(domain)
+            together = getattr(importlib.import_module(DOMAIN_MODULES[domain]), "BUILD_TOGETHER", False)
         except ImportError:  # reported as a row by the main loop
             continue
-        if names:
-            jobs.append(Job(DOMAIN_MODULES[domain], names))
+        names = tuple(n for n in found if not models or n in models)
+        if together and names:
+            grouped.append(Job(DOMAIN_MODULES[domain], names))
+        else:
+            # One job per model, the last listed first: each domain lists its cheapest model first.
+            single += [Job(DOMAIN_MODULES[domain], (n,)) for n in reversed(names)]
+    jobs = grouped + single  # the longest chains first, so no worker is left with one at the end
     t0 = time.perf_counter()
     seconds = prebuild(jobs, quick, workers)
     _say(stream, f"[build] models trained or loaded in {workers} processes: {time.perf_counter() - t0:.1f} s")
