@@ -15,7 +15,6 @@ True
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import statistics
 import sys
@@ -82,9 +81,9 @@ def export_float(float_model: nn.Module, batch: Any, path: Path) -> str | None:
 
     args, kwargs = _as_args(batch)
     try:
-        # torch's exporter prints to stdout and, for a model with no quantized layer, warns about
-        # the unused custom opset on fd 2: the error message below says what failed, in one line.
-        with _quiet_native_stderr(), contextlib.redirect_stdout(io.StringIO()):
+        # For a model with no quantized layer, torch's exporter warns about the unused custom
+        # opset on fd 2; a failure's message below says what failed, in one line.
+        with _quiet_native_stderr():
             export_onnx(float_model, path, kwargs if kwargs else args)
     except Exception as err:  # export support differs per model; report it, do not crash a table
         return _one_line(err)
@@ -128,8 +127,7 @@ def ort_latency(
             if qmodel is float_model:
                 quant_path = float_path
             else:
-                with contextlib.redirect_stdout(io.StringIO()):
-                    report = export_onnx(qmodel, quant_path, kwargs if kwargs else args)
+                report = export_onnx(qmodel, quant_path, kwargs if kwargs else args)
                 kernels = dict(Counter(layer.kernel for layer in report.layers))
             # No spinning worker threads: they would keep burning the cores and slow whatever is
             # timed next (PyTorch rows included).
