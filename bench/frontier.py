@@ -13,10 +13,14 @@ Held-out perplexity on windows of the model's full context (its maximum length).
    every linear layer; embeddings float) by RTN and GPTQ, without and with ``rotation: hadamard``;
    the rotated increase over float as a share of plain RTN W4A4's (target <= 25%), for uint4
    asymmetric and int4 symmetric activations, and W4A8 for scale.
+4. **Learned rounding** (``--rounding``): every linear layer of the transformer blocks (embeddings
+   and head float) at int3 g128 and uint2 g64 (a fitted zero point) by RTN, GPTQ and AutoRound
+   on the same calibration batches; AutoRound must beat GPTQ on both architectures.
 
 Usage::
 
-    python bench/frontier.py --arch gpt2 llama --formats --kv --rotation [--eval-batches 32] [--json out.json]
+    python bench/frontier.py --arch gpt2 llama [--formats] [--kv] [--rotation] [--rounding]
+        [--eval-batches 32] [--json out.json]
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import lowbit
 from lowbit.eval.perplexity import perplexity
 from lowbit.kvcache import WithKVCache
 from lowbit.nn.qweight import QuantizedWeight
-from lowbit.recipes import Recipe, WeightSpec
+from lowbit.recipes import AutoRoundOptions, Recipe, WeightSpec
 from lowbit.recipes.spec import ActivationSpec
 from lowbit.zoo.tinylms import default_config, get_tiny_lm
 
@@ -126,6 +130,47 @@ def rotation_table(zm: Any, base: float) -> dict[str, Any]:
     return out
 
 
+ROUNDING_GRIDS = {
+    "int3 g128": dict(format="int3", granularity="group:128", symmetric=True),
+    "uint2 g64 asym": dict(format="uint2", granularity="group:64", symmetric=False),
+}
+
+
+def rounding_table(zm: Any, base: float, steps: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    head = _output_head(zm.model)
+    print("| block linears at | RTN | GPTQ | AutoRound | AutoRound vs GPTQ | s (GPTQ / AutoRound) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for label, grid in ROUNDING_GRIDS.items():
+        row: dict[str, Any] = {}
+        for algorithm in ("rtn", "gptq", "autoround"):
+            recipe = Recipe(
+                name=label,
+                weight=WeightSpec(**grid, algorithm=algorithm),
+                modules=("linear",),
+                exclude=(head,),
+                autoround=AutoRoundOptions(steps=steps),
+            )
+            started = time.perf_counter()
+            data = zm.calibration if algorithm != "rtn" else None
+            q = lowbit.quantize(zm.model, recipe, calibration=data, progress=False, kernels="reference")
+            row[algorithm] = {"ppl": perplexity(q, zm.eval_data), "seconds": time.perf_counter() - started}
+        out[label] = row
+        ppl = {k: v["ppl"] for k, v in row.items()}
+        print(
+            f"| {label} | {ppl['rtn']:.4f} | {ppl['gptq']:.4f} | {ppl['autoround']:.4f} | "
+            f"{(ppl['autoround'] / ppl['gptq'] - 1) * 100:+.2f}% | "
+            f"{row['gptq']['seconds']:.0f} / {row['autoround']['seconds']:.0f} |"
+        )
+    return out
+
+
+def _output_head(model: torch.nn.Module) -> str:
+    """The name of the linear layer that produces the logits (kept float in the rounding table)."""
+    out = model.get_output_embeddings()
+    return next(name for name, m in model.named_modules() if m is out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--arch", nargs="+", default=["gpt2", "llama"])
@@ -135,10 +180,12 @@ def main() -> None:
     parser.add_argument("--formats", action="store_true")
     parser.add_argument("--kv", action="store_true")
     parser.add_argument("--rotation", action="store_true")
+    parser.add_argument("--rounding", action="store_true")
+    parser.add_argument("--steps", type=int, default=200, help="AutoRound steps per block")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    if not (args.formats or args.kv or args.rotation):
-        args.formats = args.kv = args.rotation = True
+    if not (args.formats or args.kv or args.rotation or args.rounding):
+        args.formats = args.kv = args.rotation = args.rounding = True
     warnings.filterwarnings("ignore")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     results: dict[str, Any] = {}
@@ -156,6 +203,9 @@ def main() -> None:
             print()
         if args.rotation:
             results[arch]["rotation"] = rotation_table(zm, base)
+            print()
+        if args.rounding:
+            results[arch]["rounding"] = rounding_table(zm, base, args.steps)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -232,6 +232,7 @@ def gptq_quantize(
     act_order: bool = False,
     static_groups: bool | None = None,
     observer: str = "minmax",
+    updated: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, QParams]:
     """Quantize ``weight`` ``[out, in]`` with GPTQ; returns ``(codes, qparams)`` for ``dequantize``.
 
@@ -256,6 +257,10 @@ def gptq_quantize(
         observer: how each scale is chosen: ``minmax`` (the full range) or ``mse`` (the clip
             ratio with the smallest squared weight error, searched per group on the weights the
             scale is taken from, as AutoGPTQ's ``mse`` option).
+        updated: a ``[out, in]`` float32 tensor filled with each column as it was when rounded
+            (the original plus the compensation of the columns before it): rounding it to
+            nearest with the returned parameters gives exactly the returned codes (AutoRound
+            starts from there, ``lowbit.algorithms.autoround``).
 
     With dynamic groups (the default without ``act_order``), each group's range is taken when
     its first column is reached, from the weights as updated so far (the remaining columns
@@ -351,6 +356,8 @@ def gptq_quantize(
                 q = q + col_zp
             q = torch.clamp(q, fmt.qmin, fmt.qmax)
             codes[:, c] = q
+            if updated is not None:
+                updated[:, order[c]] = col
             value = (q - col_zp if col_zp is not None else q) * col_scale
             err = (col - value) / hinv1[i, i]
             # Compensate the rest of this block now; later blocks get one batched update below.

@@ -2,10 +2,11 @@
 
 A recipe's ``algorithm`` is one step or a sequence: scalers first (``smoothquant`` or ``awq``:
 a per-input-channel divisor ``s``, with ``x / s`` at run time and ``W * s`` quantized), then one
-quantizer (``rtn``, ``mse``, ``gptq``, or ``awq``: scale search, clip search, round to nearest),
-then optionally ``bias_correction``. ``[awq, gptq]`` runs GPTQ on the AWQ-scaled weight with
-the Hessian of the scaled input; ``[smoothquant, gptq]`` does the same for W8A8. Sequences
-that cannot mean anything are refused before any work, with the reason.
+quantizer (``rtn``, ``mse``, ``gptq``, ``awq``: scale search, clip search, round to nearest, or
+``autoround``: rounding and clipping learned on the stage's output, alone or after ``gptq`` as
+its starting point), then optionally ``bias_correction``. ``[awq, gptq]`` runs GPTQ on the
+AWQ-scaled weight with the Hessian of the scaled input; ``[smoothquant, gptq]`` does the same
+for W8A8. Sequences that cannot mean anything are refused before any work, with the reason.
 
 The math is in ``lowbit.algorithms``; this module only feeds it the statistics a stage gathered
 (``lowbit.ptq.stats``) and the weight matrices of each layer kind (``lowbit.ptq.matrices``).
@@ -43,9 +44,11 @@ from lowbit.ptq.stats import Group, InputStats
 from lowbit.recipes.spec import Recipe, WeightSpec
 from lowbit.threads import single_thread
 
-QUANTIZERS = ("rtn", "mse", "gptq", "awq")
+QUANTIZERS = ("rtn", "mse", "gptq", "awq", "autoround")
 SCALERS = ("smoothquant", "awq")
-DATA_AWARE = ("gptq", "awq", "smoothquant", "bias_correction")
+DATA_AWARE = ("gptq", "awq", "autoround", "smoothquant", "bias_correction")
+# Quantizers that compensate with calibration inputs: integer formats only, none for embeddings.
+COMPENSATING = ("gptq", "awq", "autoround")
 SMOOTHQUANT_DEFAULT_ALPHA = 0.5  # the paper's value for OPT / LLaMA-style decoders
 
 
@@ -70,6 +73,14 @@ def check_sequence(steps: tuple[str, ...], where: str = "recipe") -> None:
             f"{shown} ends with {steps[q]}, which only rescales the weight; end it with a quantizer "
             f"(rtn, mse, gptq or awq), e.g. [{steps[q]}, gptq]"
         )
+    if steps[q] == "autoround":
+        if steps not in (("autoround",), ("gptq", "autoround")):
+            raise ValueError(
+                f"{shown}: autoround learns the rounding and clipping against the stage's float "
+                "output itself, which already takes in what scaling and bias correction would fix; "
+                "give it alone, or as [gptq, autoround] (starting from GPTQ's rounding)"
+            )
+        return
     for i, step in enumerate(steps[:q]):
         if step == "bias_correction":
             raise ValueError(f"{shown}: bias_correction corrects a quantized weight, so it must come last")
@@ -129,11 +140,14 @@ def layer_sequence(layer: LayerPlan, recipe: Recipe, notes: Notes | None = None)
     ):
         steps = ("smoothquant", *steps)
     if recipe.bias_correction and "bias_correction" not in steps:
-        steps = (*steps, "bias_correction")
+        if steps[-1] == "autoround":  # tuned against the float output: the shift is already in it
+            notes.add("bias correction skipped (autoround is tuned on the stage's output)", layer.name)
+        else:
+            steps = (*steps, "bias_correction")
     check_sequence(steps, where)
     quantizer = steps[_quantizer_index(steps)]
     if layer.kind == "embedding":
-        if quantizer in ("gptq", "awq"):
+        if quantizer in COMPENSATING:
             notes.add(
                 "embeddings have no input to compensate: round to nearest with MSE-chosen clipping",
                 layer.name,
@@ -141,7 +155,7 @@ def layer_sequence(layer: LayerPlan, recipe: Recipe, notes: Notes | None = None)
             return ("mse",)
         return (quantizer,)
     fmt = formats.get(spec.format)
-    if quantizer in ("gptq", "awq") and fmt.family != "int":
+    if quantizer in COMPENSATING and fmt.family != "int":
         raise ValueError(
             f"{quantizer.upper()} needs an integer format (int2..int8, uint2..uint8); "
             f"{layer.name} asks for {fmt.name}"
@@ -175,6 +189,13 @@ def layer_sequence(layer: LayerPlan, recipe: Recipe, notes: Notes | None = None)
                 "grouped convolutions: AWQ searches clipping only (no input channel feeds every output)",
                 layer.name,
             )
+    if quantizer == "autoround" and (
+        layer.kind == "rnn" or (layer.kind == "conv" and layer.module.groups > 1)
+    ):
+        raise ValueError(
+            f"{where}: autoround tunes linear and ungrouped convolution weights; give this "
+            f"{'RNN' if layer.kind == 'rnn' else 'grouped convolution'} gptq or rtn (an override)"
+        )
     if layer.kind == "rnn" and "bias_correction" in steps:
         steps = tuple(s for s in steps if s != "bias_correction")
         notes.add("bias correction skipped (RNN gates are not a plain affine output)", layer.name)

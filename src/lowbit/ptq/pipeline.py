@@ -5,7 +5,8 @@
     calibration batches -> capture the inputs of stage 1 (the forward stops there)
       -> for each stage (a transformer layer, a block, a child):
            run it on the cached inputs; hooks gather each layer group's input statistics
-           -> modifiers in recipe order (smoothquant | awq | gptq | rtn | bias_correction)
+           -> modifiers in recipe order (smoothquant | awq | gptq | rtn | bias_correction),
+              or AutoRound's learned rounding against the float stage's output (``ptq.tuning``)
            -> write the quantized weights back -> run it again: its outputs, computed with the
               quantized weights, are the next stage's cached inputs (spilled to disk past a budget)
       -> layers outside the stages: before the first one, from a pass that stops at stage 1;
@@ -54,6 +55,7 @@ from lowbit.ptq.modifiers import LayerResult, Notes, apply_group, layer_sequence
 from lowbit.ptq.plan import LayerPlan, plan_model
 from lowbit.ptq.stages import Probe, Slot, hidden_of, model_call, probe_model
 from lowbit.ptq.stats import StageObserver
+from lowbit.ptq.tuning import stage_deadline, tune_stage
 from lowbit.recipes import LayerRule, Recipe, WeightSpec, resolve
 
 DEFAULT_CACHE_BYTES = 2 << 30  # most activations kept in memory before spilling to disk
@@ -260,6 +262,8 @@ class _Pipeline:
         self.few_rows: list[tuple[str, int, int]] = []  # (layer, inputs, rows seen)
         self.reports: list[StageReport] = []
         self.model_passes = 0
+        self.tuning = False  # some layer learns its rounding (autoround): keep a float stream too
+        self.tuning_started = 0.0
 
     # --- planning ------------------------------------------------------------------------------
 
@@ -312,6 +316,13 @@ class _Pipeline:
                 prefix.append(layer)
             else:
                 tail.append(layer)
+        prefix, tail = self._outside_stages(prefix, notes), self._outside_stages(tail, notes)
+        self.tuning = any(self._tuned(layer) for layer in data_layers)
+        if self.tuning and world()[1] > 1:
+            raise ValueError(
+                "autoround follows its own gradients on each rank's batches, so ranks would disagree "
+                "under torch.distributed; run it in one process (or use gptq there)"
+            )
         last = max((i for i, ls in enumerate(in_stage) if ls), default=-1)
         total = bool(prefix) + (last + 1) + bool(tail)
         # A pass of the whole model for the tail layers runs every stage again: keep the weights then.
@@ -352,6 +363,30 @@ class _Pipeline:
             recipe, weights, smooth, probe.layout.mode, self.reports, self.model_passes, all_notes
         )
 
+    def _tuned(self, layer: LayerPlan) -> bool:
+        return self.sequences[layer.name][-1] == "autoround"
+
+    def _outside_stages(self, layers: list[LayerPlan], notes: Notes) -> list[LayerPlan]:
+        """AutoRound learns on a stage's output: layers outside every stage (an output head)
+        get round to nearest with MSE-chosen clipping instead, now (they are data-free then), or
+        GPTQ when the recipe starts AutoRound from GPTQ."""
+        for layer in layers:  # [gptq, autoround]: GPTQ alone there
+            if self.sequences[layer.name] == ("gptq", "autoround"):
+                notes.add(
+                    "autoround tunes the layers inside calibration stages; outside them: gptq", layer.name
+                )
+                self.sequences[layer.name] = ("gptq",)
+        moved = [layer for layer in layers if self._tuned(layer)]
+        for layer in moved:
+            notes.add(
+                "autoround tunes the layers inside calibration stages; outside them: round to "
+                "nearest with MSE-chosen clipping",
+                layer.name,
+            )
+            self.sequences[layer.name] = ("mse",)
+            self._keep(layer, quantize_rtn(layer, ("mse",), apply=layer.name not in self.tied))
+        return [layer for layer in layers if layer not in moved]
+
     # --- quantized layers ----------------------------------------------------------------------
 
     def _keep(self, layer: LayerPlan, result: LayerResult) -> None:
@@ -386,6 +421,8 @@ class _Pipeline:
                     self.few_rows.append(
                         (group.names[0] + (f" ({source})" if source != "x" else ""), stats.cols, stats.count)
                     )
+            if group.sequence[-1] == "autoround":
+                continue  # learned on the stage's output after the other groups (``_tune``)
             judge = (judges or {}).get(id(group))
             for name, result in apply_group(group, self.recipe, judge).items():
                 self._keep(next(layer for layer in group.layers if layer.name == name), result)
@@ -507,6 +544,15 @@ class _Pipeline:
         self.stage_names = [name for name, _ in stages]
         self._release_done(None)
         trim_heap()
+        # AutoRound's targets: the float model's stage outputs, a second stream beside the
+        # quantized one (both start from the captured inputs).
+        float_targets = self.recipe.autoround.target == "float"
+        floats = ActivationCache(self.budget) if self.tuning and slot is not None and float_targets else None
+        if floats is not None:
+            for index in range(len(self.batches)):
+                floats.put(index, cache.get(index).clone())
+        self.tuning_started = time.perf_counter()
+        tuned_stages = sum(any(self._tuned(layer) for layer in ls) for ls in in_stage)
 
         def inputs(index: int, source: ActivationCache):
             if slot is None:
@@ -519,6 +565,17 @@ class _Pipeline:
             bar.set_postfix_str(name)
             layers = in_stage[i]
             runs, stats_bytes, groups, stats_seconds, quantize_seconds = 0, 0, [], 0.0, 0.0
+            targets = None
+            if floats is not None or any(self._tuned(layer) for layer in layers):
+                # The float stage's outputs, before any of its weights is quantized.
+                targets = ActivationCache(self.budget)
+                for index in range(len(self.batches)):
+                    args, kwargs = inputs(index, floats if floats is not None else cache)
+                    hidden = hidden_of(stage(*args, **kwargs))
+                    assert hidden is not None
+                    targets.put(index, hidden.detach())
+                    meter.sample()
+                runs += 1
             if layers:
                 observer = StageObserver(layers, self.sequences)
                 with observer.hooks():
@@ -546,6 +603,39 @@ class _Pipeline:
                     runs += 1
                     stats_bytes += sum(j.nbytes for j in unique)
                 self._quantize(observer, layers, judges)
+                tuned = [layer for layer in layers if self._tuned(layer)]
+                if tuned:
+                    assert targets is not None
+                    deadline = stage_deadline(
+                        self.recipe.autoround.time_budget_s, self.tuning_started, tuned_stages
+                    )
+                    tuned_stages -= 1
+                    steps = self.recipe.autoround.steps
+
+                    def on_step(step: int, loss: float, name=name, steps=steps) -> None:
+                        if step % 10 == 0 or step == steps - 1:
+                            bar.set_postfix_str(f"{name}: autoround step {step + 1}/{steps}, loss {loss:.3g}")
+
+                    starts = [g for g in observer.groups if g.sequence == ("gptq", "autoround")]
+                    results = tune_stage(
+                        stage,
+                        name,
+                        tuned,
+                        self.recipe,
+                        lambda index, cache=cache: inputs(index, cache),
+                        targets.get,
+                        len(self.batches),
+                        deadline,
+                        on_step,
+                        hessians={
+                            layer.name: group.stats["x"].gram().mul(2.0).float()
+                            for group in starts
+                            for layer in group.layers
+                        },
+                    )
+                    for layer in tuned:
+                        self._keep(layer, results[layer.name])
+                    runs += -(-steps // len(self.batches))
                 quantize_seconds = time.perf_counter() - quantize_started
                 del observer, judges
             spilled = 0
@@ -564,6 +654,12 @@ class _Pipeline:
                 spilled = outputs.spilled_bytes
                 cache.close()
                 cache = outputs
+            if targets is not None:  # float targets: the float stream moves on to the next stage
+                if floats is not None:
+                    floats.close()
+                floats = targets if float_targets and slot is not None and i < len(stages) - 1 else None
+                if floats is None:
+                    targets.close()
             self._release_done(name)
             trim_heap()
             self.reports.append(
@@ -583,6 +679,8 @@ class _Pipeline:
             )
             bar.update()
         cache.close()
+        if floats is not None:
+            floats.close()
 
 
 def calibrate_weights(

@@ -16,10 +16,19 @@ from typing import Any
 from lowbit.errors import RecipeError
 from lowbit.recipes import schema
 from lowbit.recipes.presets import PRESETS
-from lowbit.recipes.spec import ActivationSpec, AWQOptions, GPTQOptions, LayerRule, Recipe, WeightSpec
+from lowbit.recipes.spec import (
+    ActivationSpec,
+    AutoRoundOptions,
+    AWQOptions,
+    GPTQOptions,
+    LayerRule,
+    Recipe,
+    WeightSpec,
+)
 
 __all__ = [
     "AWQOptions",
+    "AutoRoundOptions",
     "ActivationSpec",
     "GPTQOptions",
     "LayerRule",

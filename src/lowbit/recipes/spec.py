@@ -23,13 +23,14 @@ from lowbit.recipes import schema
 RECIPE_VERSION = 1
 MODULE_KINDS = ("linear", "conv", "embedding", "rnn")
 ACTIVATION_MODES = ("none", "dynamic", "static")
-WEIGHT_ALGORITHMS = ("rtn", "mse", "gptq", "awq", "smoothquant", "bias_correction")
+WEIGHT_ALGORITHMS = ("rtn", "mse", "gptq", "awq", "autoround", "smoothquant", "bias_correction")
 EDGE_POLICIES = ("recipe", "int8", "float")
 SHORT_ROW_POLICIES = ("recipe", "int8")
 ACTIVATION_PLANS = ("fixed", "measured")
 ROTATIONS = ("none", "hadamard")
 GPTQ_OBSERVERS = ("minmax", "mse")
 AWQ_SEARCHES = ("layer", "module", "parent", "stage")
+AUTOROUND_TARGETS = ("float", "quantized")
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,8 @@ class WeightSpec:
             True for signed formats and False for unsigned ones (``uint4``: an unsigned grid with
             its zero point at 0 cannot hold a weight's negative half, so that pair is refused).
         algorithm: ``rtn`` (round to nearest, full range), ``mse`` (clip range searched per block
-            to minimise the weight's squared error), ``gptq`` or ``awq`` (data-aware: need calibration),
+            to minimise the weight's squared error), ``gptq``, ``awq`` or ``autoround`` (data-aware:
+            need calibration; ``autoround`` learns rounding and clipping per calibration stage),
             or a sequence applied in order inside each calibration stage, such as
             ``("awq", "gptq")`` or ``("smoothquant", "gptq")`` (see ``lowbit.ptq.modifiers``).
     """
@@ -210,6 +212,43 @@ class AWQOptions:
 
 @dataclass(frozen=True)
 @schema.validated
+class AutoRoundOptions:
+    """How AutoRound (``lowbit.algorithms.autoround``) tunes the layers quantized with ``autoround``.
+
+    Attributes:
+        steps: signed-gradient steps per calibration stage (one calibration batch each; the
+            paper's 200). More steps: lower error, proportionally more time.
+        lr: the step size at the start, falling linearly to 0 (``None``: ``1 / steps``).
+        seed: the order the calibration batches are visited in.
+        time_budget_s: seconds for all stages together (``None``: no limit); each stage gets an
+            equal share of what is left and keeps its best step so far when its share runs out.
+        target: what a stage's output is pulled towards: ``float`` (the float model's stage output,
+            so a stage also learns to undo the error reaching it from earlier ones: the paper's
+            default) or ``quantized`` (the float stage run on the quantized model's inputs: GPTQ's
+            objective, one stage at a time; no second activation stream is kept).
+
+    >>> AutoRoundOptions(steps=100).lr is None
+    True
+    """
+
+    steps: int = 200
+    lr: float | None = None
+    seed: int = 0
+    time_budget_s: float | None = None
+    target: str = "float"
+
+    def __post_init__(self) -> None:
+        _check_choice("autoround target", self.target, AUTOROUND_TARGETS)
+        if self.steps < 1:
+            raise ValueError(f"autoround.steps must be >= 1, got {self.steps}")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"autoround.lr must be > 0, got {self.lr}")
+        if self.time_budget_s is not None and not self.time_budget_s > 0:
+            raise ValueError(f"autoround.time_budget_s must be > 0 seconds, got {self.time_budget_s}")
+
+
+@dataclass(frozen=True)
+@schema.validated
 class Recipe:
     """A complete quantization plan for a model.
 
@@ -244,6 +283,8 @@ class Recipe:
             damping, block size, the observer choosing the scales).
         awq: ``AWQOptions`` for every layer whose algorithm includes ``awq`` (where candidate
             scales are judged, duo scaling, how many batches the search reruns).
+        autoround: ``AutoRoundOptions`` for every layer quantized with ``autoround`` (steps,
+            step size, batch order, time budget).
         activation_plan: ``fixed`` (every layer as written) or ``measured``: with calibration
             data, each group of linear layers with per-token dynamic activations is measured and
             switched to the faster per-tensor form on a SmoothQuant-ed input where that costs at
@@ -278,6 +319,7 @@ class Recipe:
     short_rows: str = "recipe"
     gptq: GPTQOptions = field(default_factory=GPTQOptions)
     awq: AWQOptions = field(default_factory=AWQOptions)
+    autoround: AutoRoundOptions = field(default_factory=AutoRoundOptions)
     activation_plan: str = "fixed"
     rotation: str = "none"
     rotation_seed: int = 0
@@ -330,7 +372,11 @@ class Recipe:
                 w["algorithm"] = list(w["algorithm"])  # YAML's safe dumper has no tuples
         # Algorithm options only when set: a recipe that leaves them alone keeps the dict (and the
         # artifact manifests that carry it) it had before they existed; reading fills the defaults.
-        for key, default in (("gptq", GPTQOptions()), ("awq", AWQOptions())):
+        for key, default in (
+            ("gptq", GPTQOptions()),
+            ("awq", AWQOptions()),
+            ("autoround", AutoRoundOptions()),
+        ):
             if getattr(self, key) == default:
                 del d[key]
         if self.activation_plan == "fixed":
