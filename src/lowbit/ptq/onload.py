@@ -335,7 +335,7 @@ def quantize_checkpoint(
     device: str | torch.device = "cpu",
     progress: bool = True,
     report: bool = True,
-    kernels: str = "auto",
+    kernels: str = "reference",
     force: bool = False,
 ) -> QuantizedCheckpoint:
     """Quantize the Hugging Face checkpoint directory ``checkpoint`` (``config.json`` and safetensors
@@ -348,7 +348,10 @@ def quantize_checkpoint(
     call may add to what the process holds when it starts) refuses a run predicted above it with
     ``BudgetError`` naming the bytes needed, and sizes the activation cache (``cache_bytes``,
     default: what the budget leaves, the rest spills to disk) to fit. ``device`` is where the
-    weights are loaded and the work runs.
+    weights are loaded and the work runs. ``kernels`` picks what runs the returned model
+    (``lowbit.backends.use_kernels``) after the artifact is written; the default ``"reference"``
+    holds nothing more, ``"auto"`` adds the fast kernels' repacked copies of the weights (about
+    twice the quantized bytes for int4; ``lowbit.load`` of the artifact chooses them as well).
 
     Refused before any work: a missing or truncated shard, a parameter absent from the checkpoint
     or of another shape (``CheckpointError`` naming the file), recipes that need the whole float
