@@ -249,3 +249,91 @@ def test_cli_quantize_dir_with_max_memory_onloads(small, tmp_path, capsys):
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and last.startswith("lowbit quantize: error: max_memory") and "at least" in last
     assert not (tmp_path / "refused").exists()
+
+
+class _Expert(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(16, 32), torch.nn.Linear(32, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+class _MoE(torch.nn.Module):
+    """Top-1 routing over 4 experts; the router never picks expert 3."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.router = torch.nn.Linear(16, 4)
+        self.experts = torch.nn.ModuleList(_Expert() for _ in range(4))
+        with torch.no_grad():
+            self.router.bias[3] = -1e4
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        choice = self.router(x).argmax(-1)
+        out = torch.zeros_like(x)
+        for i, expert in enumerate(self.experts):
+            mask = choice == i
+            if bool(mask.any()):
+                out[mask] = expert(x[mask])
+        return x + out
+
+
+class _Toy(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(_MoE() for _ in range(2))
+        self.head = torch.nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def test_experts_that_see_no_token_fall_back_to_rtn_and_are_named(tmp_path):
+    torch.manual_seed(0)
+    model = _Toy().eval()
+    batches = [torch.randn(64, 16) for _ in range(4)]
+    with pytest.warns(UserWarning, match=r"expert layer\(s\) saw no calibration token") as caught:
+        q = lowbit.quantize(model, "int4-gptq", batches, progress=False, kernels="reference")
+    message = next(str(w.message) for w in caught if "expert" in str(w.message))
+    assert "blocks.0.experts.3.fc1" in message and "blocks.1.experts.3.fc2" in message
+    assert q.blocks[0].experts[3].fc1.qweight.algorithm == "rtn"
+    assert q.blocks[0].experts[0].fc1.qweight.algorithm == "gptq"
+
+    # The preflight names them before any work (the model on the meta device, from a checkpoint).
+    from safetensors.torch import save_file
+
+    from lowbit.ptq.onload import Onloader, empty_parameters
+    from lowbit.ptq.plan import plan_model
+    from lowbit.ptq.preflight import predict
+    from lowbit.recipes import resolve
+
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text("{}")
+    with empty_parameters():
+        skeleton = _Toy().eval()
+    recipe = resolve("int4-gptq")
+    source = Onloader(skeleton, Checkpoint(tmp_path), torch.device("cpu"))
+    preflight = predict(skeleton, source, plan_model(skeleton, recipe), recipe, batches, None, None)
+    assert (
+        preflight.experts[0].startswith("blocks.0.experts: 4 experts")
+        and "64 per expert" in preflight.experts[0]
+    )
+    assert "blocks.0.experts: 4 experts" in preflight.report()
+
+
+def test_streamed_save_writes_the_same_artifact(small, tmp_path):
+    """lowbit.save(stream=True) (what onloading writes with) gives lowbit.save's bytes, and loads."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(small).eval()
+    q = lowbit.quantize(model, "int4-weight-only", progress=False, kernels="reference")
+    plain = lowbit.save(q, tmp_path / "plain")
+    streamed = lowbit.save(q, tmp_path / "streamed", stream=True)
+    _same_files(tmp_path / "plain", tmp_path / "streamed")
+    assert streamed == plain
+    skeleton = transformers.AutoModelForCausalLM.from_pretrained(small).eval()
+    again = lowbit.load(tmp_path / "streamed", model=skeleton, kernels="reference")
+    x = _batches(512)[0]
+    assert torch.equal(again(x).logits, q(x).logits)

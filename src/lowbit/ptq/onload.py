@@ -422,9 +422,9 @@ def quantize_checkpoint(
     if result is not None:
         result.weights, result.input_smooth = {}, {}
         qmodel.lowbit_calibration = result
-    # Saved before the kernels are chosen: they change no stored byte, and their repacked weights
-    # (int4 layers: a second copy for the fast kernel) need not sit beside the serialised file.
-    manifest = save(qmodel, output, force=force) if output is not None else None
+    # Streamed to disk (the serialised file is not held in memory), and before the kernels are
+    # chosen: they change no stored byte, and their repacked weights need not be there yet.
+    manifest = save(qmodel, output, force=force, stream=True) if output is not None else None
     peaks = [s.peak_memory_bytes for s in result.stages] if result is not None else []
     peak = max([*peaks, _rss(), _max_rss() if _max_rss() > hwm_before else 0]) - baseline
     use_kernels(qmodel, kernels)

@@ -54,7 +54,7 @@ from lowbit.ptq.judge import ModuleJudge, plan_judges, record
 from lowbit.ptq.matrices import write
 from lowbit.ptq.modifiers import LayerResult, Notes, apply_group, layer_sequence, needs_data, quantize_rtn
 from lowbit.ptq.plan import LayerPlan, plan_model
-from lowbit.ptq.stages import Probe, Slot, hidden_of, model_call, probe_model
+from lowbit.ptq.stages import Probe, Slot, expert_lists, hidden_of, model_call, probe_model
 from lowbit.ptq.stats import StageObserver
 from lowbit.recipes import LayerRule, Recipe, WeightSpec, resolve
 
@@ -277,6 +277,8 @@ class _Pipeline:
         self.sequences: dict[str, tuple[str, ...]] = {}
         self.tied: set[str] = set()
         self.few_rows: list[tuple[str, int, int]] = []  # (layer, inputs, rows seen)
+        self.experts: tuple[str, ...] = ()  # ModuleLists of experts (mixture-of-experts blocks)
+        self.unrouted: list[str] = []  # expert layers no calibration token reached: round to nearest
         self.reports: list[StageReport] = []
         self.model_passes = 0
 
@@ -301,7 +303,13 @@ class _Pipeline:
         self.tied = _tied(layers)
         self.layers = layers
         data_layers = [layer for layer in layers if needs_data(self.sequences[layer.name])]
-        missing = [layer.name for layer in data_layers if layer.name not in probe.first_call]
+        self.experts = tuple(expert_lists(probe.layout.stages))
+        # An expert the probe's batch did not reach may see tokens of later batches (else: RTN).
+        missing = [
+            layer.name
+            for layer in data_layers
+            if layer.name not in probe.first_call and not self._is_expert(layer.name)
+        ]
         if missing:
             raise ValueError(
                 f"layer {missing[0]} is never called on the calibration data, so it cannot be calibrated; "
@@ -361,6 +369,9 @@ class _Pipeline:
             bar.close()
             self.budget.close()
         self._warn_few_rows()
+        unrouted = self._unrouted_note()
+        if unrouted:
+            warnings.warn(f"lowbit: {unrouted}", stacklevel=4)
 
         weights: dict[str, Any] = {}
         smooth: dict[str, torch.Tensor] = {}
@@ -369,7 +380,7 @@ class _Pipeline:
             weights[layer.name] = r.weights if layer.kind == "rnn" else r.weights["weight"]
             if r.smooth is not None:
                 smooth[layer.name] = r.smooth
-        all_notes = edge_notes + notes.lines()
+        all_notes = edge_notes + notes.lines() + ([unrouted] if unrouted else [])
         if probe.layout.mode == "model" and probe.rejected and data_layers:
             all_notes.append(
                 "calibrated the whole model in one pass (no chain of stages: "
@@ -423,7 +434,11 @@ class _Pipeline:
     ) -> None:
         seen = {layer.name for g in observer.groups for layer in g.layers}
         for layer in layers:
-            if layer.name not in seen:
+            if layer.name not in seen and self._is_expert(layer.name):
+                # The router sent no calibration token here: nothing to calibrate on.
+                self.unrouted.append(layer.name)
+                self._keep(layer, quantize_rtn(layer, ("rtn",), apply=layer.name not in self.tied))
+            elif layer.name not in seen:
                 raise ValueError(
                     f"layer {layer.name} is never called when its stage runs on the calibration data, so "
                     "it cannot be calibrated; exclude it from the recipe or set sequential_targets"
@@ -441,6 +456,21 @@ class _Pipeline:
                 # Onloading runs close to a budget: one group's solver temporaries (GPTQ's float32
                 # Hessian copies) must not stay in RSS under the next group's.
                 trim_heap()
+
+    def _is_expert(self, name: str) -> bool:
+        return any(name.startswith(f"{e}.") for e in self.experts)
+
+    def _unrouted_note(self) -> str | None:
+        if not self.unrouted:
+            return None
+        shown = ", ".join(self.unrouted[:8]) + (
+            f" and {len(self.unrouted) - 8} more" if len(self.unrouted) > 8 else ""
+        )
+        return (
+            f"{len(self.unrouted)} expert layer(s) saw no calibration token (the router sent none there) "
+            f"and were quantized round-to-nearest instead: {shown}; calibration data that reaches them "
+            "lets them be calibrated"
+        )
 
     def _warn_few_rows(self) -> None:
         if not self.few_rows:

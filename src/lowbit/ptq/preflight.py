@@ -10,7 +10,7 @@ Onloading (``lowbit.ptq.onload``) holds, at its busiest moment, one of:
   weight and the Hessian), the cached activations in memory (inputs and outputs of the stage,
   capped by ``cache_bytes``; the rest spills to disk), one batch's intermediates, the quantized
   weights made so far (the output) and the float parts kept throughout (tied weights, norms);
-- **the save**: the quantized model plus its serialised tensor file.
+- **the save**: the quantized model (its tensor file is streamed to disk).
 
 The largest of the three is the prediction. Mixture-of-experts blocks (a ``ModuleList`` of
 same-class expert modules inside a stage) are named: how many tokens each expert sees depends on
@@ -34,7 +34,7 @@ from lowbit import formats
 from lowbit.granularity import PerChannel, PerGroup, parse
 from lowbit.ptq.modifiers import layer_sequence, needs_data
 from lowbit.ptq.plan import LayerPlan, Plan, row_length
-from lowbit.ptq.stages import candidates
+from lowbit.ptq.stages import candidates, expert_lists
 from lowbit.recipes.spec import Recipe, WeightSpec
 
 _UNITS = {
@@ -193,7 +193,9 @@ class Preflight:
         lines.append(
             f"  {'probe pass (one batch, one module at a time, logits)':<62} {human(self.probe):>10}"
         )
-        lines.append(f"  {'save (quantized model + its serialised file)':<62} {human(self.save):>10}")
+        lines.append(
+            f"  {'save (the quantized model; its file is streamed to disk)':<62} {human(self.save):>10}"
+        )
         if self.spilled:
             lines.append(f"  activations spilled to disk per stage: {human(self.spilled)}")
         lines += [f"  {note}" for note in self.experts]
@@ -218,16 +220,13 @@ def _stage_layout(model: nn.Module, plan: Plan, recipe: Recipe) -> tuple[str, li
 
 
 def _experts(prefix: str, stage: nn.Module, planned: set[str], tokens: int) -> str | None:
-    for name, m in stage.named_modules(prefix=prefix):
-        children = list(m.named_children()) if isinstance(m, nn.ModuleList) else []
-        if name == prefix or len(children) < 2 or len({type(c) for _, c in children}) != 1:
-            continue
+    for name in expert_lists([(prefix, stage)]):
         if any(p.startswith(f"{name}.") for p in planned):
-            n = len(children)
+            n = len(stage.get_submodule(name.removeprefix(prefix).lstrip(".")))
             return (
-                f"{name}: {n} experts ({type(children[0][1]).__name__}); which tokens reach each is "
-                f"the router's choice, known only by running ({tokens:,} tokens in all, {tokens // n:,} per "
-                "expert if spread evenly); experts that see none are quantized round-to-nearest and named"
+                f"{name}: {n} experts; which tokens reach each is the router's choice, known only by "
+                f"running ({tokens:,} tokens in all, {tokens // n:,} per expert if spread evenly); experts "
+                "that see none are quantized round-to-nearest and named after calibration"
             )
     return None
 
@@ -341,8 +340,9 @@ def predict(
     )
     # The probe: one batch through the whole model, one module's weights at a time, its logits.
     probe = (resident + unit + largest_batch * width * 4 + batch_work) if pipeline else 0
-    # The quantized model, its serialised tensor file and the copy safetensors makes of it.
-    save = 3 * (output + kept_float)
+    # The quantized model; its tensor file is streamed to disk (lowbit.save(stream=True)) and
+    # hashed back in chunks of 16 MiB.
+    save = output + kept_float + (16 << 20)
 
     def activations(cache: int) -> int:
         """Stage inputs and outputs in memory (outputs replace inputs batch by batch), the batch
