@@ -337,3 +337,14 @@ def test_streamed_save_writes_the_same_artifact(small, tmp_path):
     again = lowbit.load(tmp_path / "streamed", model=skeleton, kernels="reference")
     x = _batches(512)[0]
     assert torch.equal(again(x).logits, q(x).logits)
+
+
+def test_a_data_aware_output_head_is_refused_with_the_reason(small, tmp_path):
+    import dataclasses
+
+    from lowbit.recipes import resolve
+
+    recipe = dataclasses.replace(resolve("int4-gptq"), embeddings_and_head="recipe")
+    with pytest.raises(lowbit.ModelError, match="lm_head is calibrated after the last stage"):
+        lowbit.quantize_checkpoint(small, recipe, _batches(512), tmp_path / "out", report=False)
+    assert not (tmp_path / "out").exists()

@@ -386,6 +386,11 @@ def quantize_checkpoint(
     if (steps or edges) and not batches:
         needs = ", ".join(steps) if steps else f"embeddings_and_head={recipe.embeddings_and_head!r}"
         raise DataError(f"{needs} needs calibration data: pass calibration=[batch, ...]")
+    if recipe.needs_calibration and not batches:  # said now, not after every weight was read
+        raise DataError(
+            f"recipe {recipe.name!r} calibrates activations (static mode) and needs calibration data: "
+            "pass calibration=[batch, ...]"
+        )
     uses_data = bool(steps) or edges or recipe.needs_calibration
     if uses_data and batches:
         check_calibration(batches)

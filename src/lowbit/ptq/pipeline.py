@@ -47,6 +47,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lowbit.errors import ModelError
 from lowbit.ptq.cache import ActivationCache, MemoryBudget
 from lowbit.ptq.convert import model_device, to_device
 from lowbit.ptq.distributed import reduce_statistics, world
@@ -344,7 +345,7 @@ class _Pipeline:
         # A pass of the whole model for the tail layers runs every stage again: keep the weights then.
         self.release = self.release and not tail
         if self.source is not None and tail:
-            raise ValueError(
+            raise ModelError(
                 f"layer {tail[0].name} is calibrated after the last stage, from a pass of the whole model, "
                 "which onloading cannot run (the stages' weights are not kept); keep it data-free "
                 "(e.g. embeddings_and_head: int8) or quantize the model in memory"
