@@ -222,6 +222,8 @@ def main() -> None:
         }
         figures.update(recipe=args.recipe, threads=args.threads, budget=budget, model=model)
         figures["onload"] = _child(argv, "onload", *work, f"--budget={budget}")
+        if args.json:  # kept if the comparison below is interrupted
+            Path(args.json).write_text(json.dumps(figures, indent=1))
         if args.compare:
             figures["reference"] = _child(argv, "reference", *work)
             figures["identical"] = all(
