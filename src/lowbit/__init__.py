@@ -13,13 +13,15 @@ from lowbit.analysis import search, sensitivity  # noqa: E402
 from lowbit.api import calibrate, convert, load, prepare, quantize, save, size_report  # noqa: E402
 from lowbit.distill import DistillationLoss, distill  # noqa: E402
 from lowbit.doctor import doctor  # noqa: E402  (the function: lowbit.doctor; the module stays importable)
-from lowbit.errors import ArtifactError, DataError, ModelError, RecipeError  # noqa: E402
+from lowbit.errors import ArtifactError, BudgetError, CheckpointError, DataError, ModelError, RecipeError  # noqa: E402
 from lowbit.eval.evaluate import evaluate  # noqa: E402
 from lowbit.from_sklearn import from_sklearn  # noqa: E402
 from lowbit.recipes import Recipe  # noqa: E402
 
 __all__ = [
     "ArtifactError",
+    "BudgetError",
+    "CheckpointError",
     "DataError",
     "DistillationLoss",
     "KVCache",
@@ -40,6 +42,7 @@ __all__ = [
     "pruning",
     "qat",
     "quantize",
+    "quantize_checkpoint",
     "quantize_for_gguf",
     "save",
     "save_pretrained",
@@ -66,6 +69,11 @@ def __getattr__(name: str) -> object:
         from lowbit.kvcache import KVCache
 
         return KVCache
+    # Onloading builds the model from its config with transformers: imported on use.
+    if name == "quantize_checkpoint":
+        from lowbit.ptq.onload import quantize_checkpoint
+
+        return quantize_checkpoint
     if name == "save_pretrained":
         from lowbit.interop.compressed_tensors import save_pretrained
 

@@ -12,7 +12,7 @@ lowbit.errors.RecipeError: recipe.weight.symmetric: expected true or false, got 
 
 from __future__ import annotations
 
-__all__ = ["ArtifactError", "DataError", "ModelError", "RecipeError"]
+__all__ = ["ArtifactError", "BudgetError", "CheckpointError", "DataError", "ModelError", "RecipeError"]
 
 
 class ArtifactError(ValueError):
@@ -30,3 +30,13 @@ class DataError(ValueError):
 
 class ModelError(ValueError):
     """The model cannot be quantized as it is (NaN/Inf, meta device, overflow); names the layer."""
+
+
+class CheckpointError(ModelError):
+    """A model checkpoint directory is incomplete or corrupt (a shard missing or truncated, a tensor
+    absent or of the wrong shape); names the file and the tensor."""
+
+
+class BudgetError(ValueError):
+    """A memory budget (``max_memory``) is below what the work needs; names the bytes needed and
+    what they are for."""

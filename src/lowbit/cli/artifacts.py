@@ -4,9 +4,19 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
-from lowbit.cli.common import CliError, _optional, _out
-from lowbit.cli.inputs import _calibration, _check_output_dir, _model, _quantize, _quantized, _recipe, _save
+from lowbit.cli.common import BAD_INPUT, CliError, _optional, _out, _progress
+from lowbit.cli.inputs import (
+    _calibration,
+    _check_output_dir,
+    _checkpoint_calibration,
+    _model,
+    _quantize,
+    _quantized,
+    _recipe,
+    _save,
+)
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
@@ -15,6 +25,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     recipe = _recipe(args.recipe)
     out = _check_output_dir(args.output, args.force)
+    if args.max_memory is not None or args.onload:
+        return _quantize_checkpoint(args, recipe, out)
     zm = _model(args.model)
     qmodel = _quantize(zm, recipe, _calibration(args, zm))
     report = size_report(qmodel)
@@ -34,6 +46,49 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         text,
         {"path": str(out), "recipe": recipe.name, "file": manifest["file"], "totals": manifest["totals"]},
     )
+    return 0
+
+
+def _quantize_checkpoint(args: argparse.Namespace, recipe: Any, out: Path) -> int:
+    """``lowbit quantize DIR --max-memory SIZE``: onloading (``lowbit.quantize_checkpoint``)."""
+    from lowbit.ptq.onload import quantize_checkpoint
+    from lowbit.ptq.preflight import human, parse_bytes
+
+    path = Path(args.model).expanduser()
+    if not path.is_dir():
+        raise CliError(
+            f"--max-memory / --onload read a Hugging Face checkpoint directory; {args.model} is not one",
+            2,
+        )
+    try:
+        budget = parse_bytes(args.max_memory) if args.max_memory is not None else None
+    except ValueError as err:
+        raise CliError(f"--max-memory: {err}", 2) from None
+    try:
+        done = quantize_checkpoint(
+            path, recipe, _checkpoint_calibration(args, path), out, max_memory=budget, progress=_progress()
+        )
+    except BAD_INPUT as err:  # a bad checkpoint, budget, recipe or data: one line, exit 2
+        raise CliError(str(err), 2) from None
+    except ValueError as err:
+        raise CliError(f"quantization failed: {err}", 1) from None
+    assert done.manifest is not None
+    manifest = done.manifest
+    text = (
+        f"saved {out}/ ({manifest['file']['bytes']:,} bytes in {manifest['file']['name']}): {path} onloaded "
+        f"as {recipe.name}, {manifest['totals']['bits_per_param']:.2f} bits/param; peak memory "
+        f"{human(done.peak_memory_bytes)} (predicted {human(done.preflight.peak_bytes)})\n"
+        f"next: lowbit inspect {out}"
+    )
+    data = {
+        "path": str(out),
+        "recipe": recipe.name,
+        "file": manifest["file"],
+        "totals": manifest["totals"],
+        "peak_memory_bytes": done.peak_memory_bytes,
+        "predicted_peak_bytes": done.preflight.peak_bytes,
+    }
+    _out(args, text, data)
     return 0
 
 

@@ -13,10 +13,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from lowbit.errors import DataError, ModelError, RecipeError
+from lowbit.errors import BudgetError, DataError, ModelError, RecipeError
 
 # Errors that mean the user's input is at fault: one line, exit code 2, wherever they are raised.
-BAD_INPUT = (RecipeError, DataError, ModelError)
+BAD_INPUT = (RecipeError, DataError, ModelError, BudgetError)
 
 
 class CliError(Exception):

@@ -105,6 +105,30 @@ def _calibration(args: argparse.Namespace, zm: Any) -> list[Any] | None:
     return list(zm.calibration) or None
 
 
+def _checkpoint_calibration(args: argparse.Namespace, path: Path) -> list[Any] | None:
+    """Calibration for onloading ``path``: ``--calib``, else the built-in sentences through the
+    directory's own tokenizer (as a loaded causal LM gets them), else none; the model itself is
+    not loaded."""
+    from lowbit.eval.datafile import load_data
+    from lowbit.zoo.loading import _load_tokenizer
+    from lowbit.zoo.text import sentence_batches
+
+    try:
+        tokenizer = _load_tokenizer(path)
+    except (OSError, ValueError) as err:
+        raise CliError(f"{path}: cannot load its tokenizer ({err})", 2) from None
+    if getattr(args, "calib", None):
+        try:
+            return load_data(args.calib, batch_size=args.batch_size, tokenizer=tokenizer).inputs()
+        except ValueError as err:
+            raise CliError(f"--calib: {err}", 2) from None
+    if tokenizer is None:
+        return None
+    if tokenizer.pad_token is None:  # as load_hf_causal_lm: padding is masked anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    return sentence_batches(tokenizer)[0]
+
+
 def _eval_data(args: argparse.Namespace, zm: Any) -> tuple[list[Any] | None, str | None]:
     """``--data`` (labelled -> accuracy, else cosine fidelity), else the model's own data."""
     data = _data(getattr(args, "data", None), zm, args.batch_size, "--data")

@@ -23,6 +23,7 @@ verbs (run `lowbit VERB --help` for options):
                  lowbit recipes
   quantize     quantize a model and save the artifact
                  lowbit quantize minilm --recipe int8-dynamic -o out/
+                 lowbit quantize ./llama-dir --recipe int4-gptq --max-memory 4GB -o out/
   eval         evaluate one recipe or artifact against the float model
                  lowbit eval digits-cnn --recipe int8-static
   compare      evaluate several recipes side by side (optionally write a report)
@@ -117,6 +118,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", required=True, help="preset name or recipe YAML (see 'lowbit recipes')")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="artifact directory to write")
     p.add_argument("--force", action="store_true", help="replace an existing artifact in DIR")
+    p.add_argument(
+        "--max-memory",
+        metavar="SIZE",
+        help="onload: read MODEL (a Hugging Face safetensors directory) one stage at a time, refusing "
+        "before any work when the predicted peak memory exceeds SIZE (e.g. 4GB, 512MiB)",
+    )
+    p.add_argument(
+        "--onload", action="store_true", help="onload without a budget (the prediction is still printed)"
+    )
 
     p = verb(
         "eval",

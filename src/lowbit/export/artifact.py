@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import save as save_safetensors_bytes
+from safetensors.torch import save_file as save_safetensors_file
 from torch import nn
 
 import lowbit
@@ -51,7 +52,7 @@ from lowbit.export.compact import (
     coded_files,
     tensor_role,
 )
-from lowbit.export.seal import SEAL_FILE, seal_text
+from lowbit.export.seal import SEAL_FILE, seal_from_digests, seal_text
 from lowbit.export.verify import (
     ARTIFACT_VERSION,
     READABLE_VERSIONS,
@@ -133,6 +134,41 @@ def _write_atomically(directory: Path, files: dict[str, bytes], force: bool = Fa
         write_directory(directory, files, force=force)
 
 
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _save_streamed(
+    directory: Path, tensors: dict[str, torch.Tensor], manifest: dict[str, Any], metrics: dict, force: bool
+) -> None:
+    """``save``'s plain artifact, the tensor file streamed to disk (``safetensors.torch.save_file``
+    writes the bytes ``save`` would, from the tensors themselves) and hashed back from disk."""
+
+    def write(staging: Path) -> None:
+        path = staging / COMPRESSIONS["none"]
+        save_safetensors_file(tensors, str(path), metadata={"format": "pt"})
+        digests = {path.name: _sha256_file(path)}
+        manifest["file"] = {
+            "name": path.name,
+            "compression": "none",
+            "bytes": path.stat().st_size,
+            "uncompressed_bytes": path.stat().st_size,
+            "sha256": digests[path.name],
+        }
+        manifest["metrics"] = metrics
+        text = (json.dumps(manifest, indent=2) + "\n").encode()
+        (staging / MANIFEST_FILE).write_bytes(text)
+        digests[MANIFEST_FILE] = hashlib.sha256(text).hexdigest()
+        (staging / SEAL_FILE).write_text(seal_from_digests(digests))
+
+    if is_writer():
+        write_directory(directory, {}, force=force, writer=write)
+
+
 def save(
     model: nn.Module,
     directory: str | Path,
@@ -140,6 +176,7 @@ def save(
     compression: str | None = None,
     *,
     force: bool = False,
+    stream: bool = False,
 ) -> dict[str, Any]:
     """Write ``directory/model.safetensors`` and ``directory/lowbit.json`` atomically; returns the manifest.
 
@@ -150,6 +187,9 @@ def save(
     ``"none"``. An existing artifact directory is replaced as a whole; any other non-empty
     directory is refused with ``ArtifactError`` unless ``force=True``. Under a
     ``torch.distributed`` process group only rank 0 writes (every rank gets the manifest).
+    ``stream=True`` writes the same bytes without holding the serialised tensor file in memory
+    (it goes straight to disk and is hashed back from there): what onloading uses, where the
+    file would otherwise double the memory the quantized model takes. Plain artifacts only.
     """
     require_module(model, "save")
     if compression is None:
@@ -161,6 +201,13 @@ def save(
     if compression == "lzma":
         manifest, files = coded_files(model, tensors, manifest, metrics or {})
         _write_atomically(Path(directory), _sealed(files), force)
+        return manifest
+    if stream:
+        if compression != "none":
+            raise ValueError(
+                f"stream=True writes plain artifacts; compression={compression!r} codes in memory"
+            )
+        _save_streamed(Path(directory), tensors, manifest, metrics or {}, force)
         return manifest
     # One metadata key: safetensors writes its metadata map in hash order, so two keys could be
     # written in either order and the same model would not always give the same bytes.

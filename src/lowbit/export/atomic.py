@@ -177,8 +177,13 @@ def write_directory(
     force: bool = False,
     markers: Sequence[str] = ARTIFACT_MARKERS,
     kind: str = "lowbit artifact",
+    writer: Callable[[Path], None] | None = None,
 ) -> Path:
     """Replace ``directory`` by one holding exactly ``files`` (name -> bytes), atomically.
+
+    ``writer(staging)``, when given, runs after ``files`` are written and writes more files into
+    the staging directory itself (a large file streamed to disk rather than held as bytes); every
+    file it leaves there is fsynced and swapped in with the rest.
 
     An existing non-empty directory holding none of ``markers`` (by default: not a lowbit
     artifact) is refused with ``ArtifactError`` unless ``force=True``; ``markers=()`` replaces
@@ -200,6 +205,12 @@ def write_directory(
                     f.write(data)
                     f.flush()
                     os.fsync(f.fileno())
+            if writer is not None:
+                writer(staging)
+                for path in staging.iterdir():
+                    if path.name not in files:
+                        with open(path, "rb") as f:
+                            os.fsync(f.fileno())
             _fsync_dir(staging)
             _swap_in(staging, directory)
             _fsync_dir(directory.parent)

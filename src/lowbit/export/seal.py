@@ -29,7 +29,12 @@ _LINE = re.compile(r"([0-9a-f]{64})  ([A-Za-z0-9._-]{1,64})")
 
 def seal_text(files: dict[str, bytes]) -> str:
     """The ``lowbit.sha256`` text for ``files`` (name -> content)."""
-    return "".join(f"{hashlib.sha256(files[n]).hexdigest()}  {n}\n" for n in sorted(files))
+    return seal_from_digests({n: hashlib.sha256(data).hexdigest() for n, data in files.items()})
+
+
+def seal_from_digests(digests: dict[str, str]) -> str:
+    """The ``lowbit.sha256`` text from each file's sha256 hex (for files hashed as they were written)."""
+    return "".join(f"{digests[n]}  {n}\n" for n in sorted(digests))
 
 
 def parse_seal(data: bytes, path: Path | str) -> dict[str, str]:

@@ -32,6 +32,7 @@ its float weights become the dequantized ones (``lowbit.quantize`` works on a co
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import os
@@ -39,13 +40,15 @@ import resource
 import time
 import warnings
 from collections.abc import Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lowbit.errors import ModelError
 from lowbit.ptq.cache import ActivationCache, MemoryBudget
 from lowbit.ptq.convert import model_device, to_device
 from lowbit.ptq.distributed import reduce_statistics, world
@@ -53,7 +56,7 @@ from lowbit.ptq.judge import ModuleJudge, plan_judges, record
 from lowbit.ptq.matrices import write
 from lowbit.ptq.modifiers import LayerResult, Notes, apply_group, layer_sequence, needs_data, quantize_rtn
 from lowbit.ptq.plan import LayerPlan, plan_model
-from lowbit.ptq.stages import Probe, Slot, hidden_of, model_call, probe_model
+from lowbit.ptq.stages import Probe, Slot, expert_lists, hidden_of, model_call, probe_model
 from lowbit.ptq.stats import StageObserver
 from lowbit.ptq.tuning import stage_deadline, tune_stage
 from lowbit.recipes import LayerRule, Recipe, WeightSpec, resolve
@@ -108,6 +111,20 @@ class CalibrationResult:
                 f"peak {s.peak_memory_bytes / 2**20:.0f} MiB, spilled {s.spilled_bytes / 2**20:.0f} MiB"
             )
         return "\n".join(lines)
+
+
+class WeightSource(Protocol):
+    """Where a model's float weights come from when they are not all in memory (onloading,
+    ``lowbit.ptq.onload``): the pipeline asks for a module's weights just before it needs them and
+    frees the quantized layers' weights itself, as with ``release_weights``."""
+
+    device: torch.device  # where the weights go (the model's own parameters are on the meta device)
+
+    def load(self, prefix: str) -> None:
+        """Make every parameter under the module called ``prefix`` real (and keep it so)."""
+
+    def streaming(self) -> AbstractContextManager[None]:
+        """A context in which a forward pass loads each module's weights for its call only."""
 
 
 class _StopForward(Exception):
@@ -248,11 +265,14 @@ class _Pipeline:
         progress: bool,
         cache_bytes: int,
         release: bool = False,
+        source: WeightSource | None = None,
     ):
         self.model, self.recipe, self.batches, self.progress = model, recipe, batches, progress
-        self.device = model_device(model)
+        self.device = model_device(model) if source is None else source.device
         self.budget = MemoryBudget(cache_bytes)
-        self.release = release  # free float weights once nothing runs them again
+        self.release = release or source is not None  # free float weights once nothing runs them again
+        self.source = source  # weights not in memory: loaded stage by stage (onloading)
+        self.deferred: dict[str, list[LayerPlan]] = {}  # data-free layers quantized when their stage loads
         self.layers: list[LayerPlan] = []
         self.released: set[str] = set()
         self.stage_names: list[str] = []
@@ -260,6 +280,8 @@ class _Pipeline:
         self.sequences: dict[str, tuple[str, ...]] = {}
         self.tied: set[str] = set()
         self.few_rows: list[tuple[str, int, int]] = []  # (layer, inputs, rows seen)
+        self.experts: tuple[str, ...] = ()  # ModuleLists of experts (mixture-of-experts blocks)
+        self.unrouted: list[str] = []  # expert layers no calibration token reached: round to nearest
         self.reports: list[StageReport] = []
         self.model_passes = 0
         self.tuning = False  # some layer learns its rounding (autoround): keep a float stream too
@@ -275,7 +297,8 @@ class _Pipeline:
     def run(self) -> CalibrationResult:
         notes = Notes()
         layers = self._plan(self.recipe, notes)  # every refusal happens here, before any forward pass
-        probe = probe_model(self.model, layers, self.batches[0], self.recipe.sequential_targets)
+        with self._streaming():
+            probe = probe_model(self.model, layers, self.batches[0], self.recipe.sequential_targets)
         trim_heap()  # the probe's logits (batch x tokens x vocabulary) must not stay in RSS
         edge_notes: list[str] = []
         recipe = edge_recipe(self.recipe, layers, probe, edge_notes)
@@ -285,31 +308,36 @@ class _Pipeline:
         self.tied = _tied(layers)
         self.layers = layers
         data_layers = [layer for layer in layers if needs_data(self.sequences[layer.name])]
-        missing = [layer.name for layer in data_layers if layer.name not in probe.first_call]
+        self.experts = tuple(expert_lists(probe.layout.stages))
+        # An expert the probe's batch did not reach may see tokens of later batches (else: RTN).
+        missing = [
+            layer.name
+            for layer in data_layers
+            if layer.name not in probe.first_call and not self._is_expert(layer.name)
+        ]
         if missing:
             raise ValueError(
                 f"layer {missing[0]} is never called on the calibration data, so it cannot be calibrated; "
                 "exclude it from the recipe or give batches that reach it"
             )
         calibrated = {layer.name for layer in data_layers}
+        stages = probe.layout.stages
+
+        def stage_index(name: str) -> int | None:
+            return next((i for i, (s, _) in enumerate(stages) if name == s or name.startswith(f"{s}.")), None)
+
         for layer in layers:  # data-free layers now: the stages then see their quantized outputs
             if layer.name not in calibrated:
-                apply = layer.name not in self.tied  # else the float weight must stay for its other user
-                self._keep(layer, quantize_rtn(layer, self.sequences[layer.name], apply=apply))
-                trim_heap()  # one large table's temporaries must not add to the next one's
+                index = stage_index(layer.name)
+                if self.source is not None and index is not None:  # its weights are loaded with its stage
+                    self.deferred.setdefault(stages[index][0], []).append(layer)
+                    continue
+                self._rtn(layer)
 
-        stages = probe.layout.stages
         in_stage: list[list[LayerPlan]] = [[] for _ in stages]
         prefix, tail = [], []
         for layer in data_layers:
-            index = next(
-                (
-                    i
-                    for i, (name, _) in enumerate(stages)
-                    if layer.name == name or layer.name.startswith(f"{name}.")
-                ),
-                None,
-            )
+            index = stage_index(layer.name)
             if index is not None:
                 in_stage[index].append(layer)
             elif stages and probe.first_call[layer.name] < probe.stage_first_call[0]:
@@ -327,6 +355,12 @@ class _Pipeline:
         total = bool(prefix) + (last + 1) + bool(tail)
         # A pass of the whole model for the tail layers runs every stage again: keep the weights then.
         self.release = self.release and not tail
+        if self.source is not None and tail:
+            raise ModelError(
+                f"layer {tail[0].name} is calibrated after the last stage, from a pass of the whole model, "
+                "which onloading cannot run (the stages' weights are not kept); keep it data-free "
+                "(e.g. embeddings_and_head: int8) or quantize the model in memory"
+            )
         bar = tqdm(total=total, desc="calibrating", unit="stage", disable=not self.progress, leave=False)
         try:
             if prefix:
@@ -340,10 +374,16 @@ class _Pipeline:
                 bar.set_postfix_str(name)
                 self._observe_model(name, tail, stop_at=None)
                 bar.update()
+            for stage_name in list(self.deferred):  # onloading: stages no data-aware layer needed
+                self._load_stage(stage_name)
+                self._release_done(stage_name)
         finally:
             bar.close()
             self.budget.close()
         self._warn_few_rows()
+        unrouted = self._unrouted_note()
+        if unrouted:
+            warnings.warn(f"lowbit: {unrouted}", stacklevel=4)
 
         weights: dict[str, Any] = {}
         smooth: dict[str, torch.Tensor] = {}
@@ -352,7 +392,7 @@ class _Pipeline:
             weights[layer.name] = r.weights if layer.kind == "rnn" else r.weights["weight"]
             if r.smooth is not None:
                 smooth[layer.name] = r.smooth
-        all_notes = edge_notes + notes.lines()
+        all_notes = edge_notes + notes.lines() + ([unrouted] if unrouted else [])
         if probe.layout.mode == "model" and probe.rejected and data_layers:
             all_notes.append(
                 "calibrated the whole model in one pass (no chain of stages: "
@@ -384,8 +424,28 @@ class _Pipeline:
                 layer.name,
             )
             self.sequences[layer.name] = ("mse",)
-            self._keep(layer, quantize_rtn(layer, ("mse",), apply=layer.name not in self.tied))
+            self._rtn(layer)
         return [layer for layer in layers if layer not in moved]
+
+    # --- onloading -----------------------------------------------------------------------------
+
+    def _streaming(self) -> AbstractContextManager[None]:
+        return self.source.streaming() if self.source is not None else contextlib.nullcontext()
+
+    def _rtn(self, layer: LayerPlan) -> None:
+        if self.source is not None:
+            self.source.load(layer.name)
+        apply = layer.name not in self.tied  # else the float weight must stay for its other user
+        self._keep(layer, quantize_rtn(layer, self.sequences[layer.name], apply=apply))
+        trim_heap()  # one large table's temporaries must not add to the next one's
+
+    def _load_stage(self, name: str) -> None:
+        """Onloading: the stage's weights from the checkpoint, then its data-free layers."""
+        if self.source is None:
+            return
+        self.source.load(name)
+        for layer in self.deferred.pop(name, []):
+            self._rtn(layer)
 
     # --- quantized layers ----------------------------------------------------------------------
 
@@ -410,7 +470,11 @@ class _Pipeline:
     ) -> None:
         seen = {layer.name for g in observer.groups for layer in g.layers}
         for layer in layers:
-            if layer.name not in seen:
+            if layer.name not in seen and self._is_expert(layer.name):
+                # The router sent no calibration token here: nothing to calibrate on.
+                self.unrouted.append(layer.name)
+                self._keep(layer, quantize_rtn(layer, ("rtn",), apply=layer.name not in self.tied))
+            elif layer.name not in seen:
                 raise ValueError(
                     f"layer {layer.name} is never called when its stage runs on the calibration data, so "
                     "it cannot be calibrated; exclude it from the recipe or set sequential_targets"
@@ -426,6 +490,25 @@ class _Pipeline:
             judge = (judges or {}).get(id(group))
             for name, result in apply_group(group, self.recipe, judge).items():
                 self._keep(next(layer for layer in group.layers if layer.name == name), result)
+            if self.source is not None:
+                # Onloading runs close to a budget: one group's solver temporaries (GPTQ's float32
+                # Hessian copies) must not stay in RSS under the next group's.
+                trim_heap()
+
+    def _is_expert(self, name: str) -> bool:
+        return any(name.startswith(f"{e}.") for e in self.experts)
+
+    def _unrouted_note(self) -> str | None:
+        if not self.unrouted:
+            return None
+        shown = ", ".join(self.unrouted[:8]) + (
+            f" and {len(self.unrouted) - 8} more" if len(self.unrouted) > 8 else ""
+        )
+        return (
+            f"{len(self.unrouted)} expert layer(s) saw no calibration token (the router sent none there) "
+            f"and were quantized round-to-nearest instead: {shown}; calibration data that reaches them "
+            "lets them be calibrated"
+        )
 
     def _warn_few_rows(self) -> None:
         if not self.few_rows:
@@ -464,12 +547,15 @@ class _Pipeline:
         """One pass of the whole model with hooks on ``layers`` (stopping at ``stop_at``), then
         quantize them."""
         started, meter = time.perf_counter(), _MemoryMeter(self.device)
+        for layer in layers:  # onloading: they are quantized after the pass, so they stay loaded
+            if self.source is not None:
+                self.source.load(layer.name)
         observer = StageObserver(layers, self.sequences)
         handle = None
         if stop_at is not None:
             handle = stop_at.register_forward_pre_hook(_stop)
         try:
-            with observer.hooks():
+            with observer.hooks(), self._streaming():
                 for batch in self.batches:
                     args, kwargs = self._call(batch)
                     try:
@@ -540,7 +626,8 @@ class _Pipeline:
 
     def _run_stages(self, stages, in_stage, slot: Slot | None, bar) -> None:
         cache = ActivationCache(self.budget)
-        shared = self._capture(stages[0][1], slot, cache)
+        with self._streaming():
+            shared = self._capture(stages[0][1], slot, cache)
         self.stage_names = [name for name, _ in stages]
         self._release_done(None)
         trim_heap()
@@ -563,6 +650,7 @@ class _Pipeline:
         for i, (name, stage) in enumerate(stages):
             started, meter = time.perf_counter(), _MemoryMeter(self.device)
             bar.set_postfix_str(name)
+            self._load_stage(name)
             layers = in_stage[i]
             runs, stats_bytes, groups, stats_seconds, quantize_seconds = 0, 0, [], 0.0, 0.0
             targets = None
@@ -691,6 +779,7 @@ def calibrate_weights(
     progress: bool = True,
     cache_bytes: int | None = None,
     release_weights: bool = False,
+    source: WeightSource | None = None,
 ) -> CalibrationResult:
     """Choose every planned layer's quantized weight with the sequential pipeline.
 
@@ -703,7 +792,9 @@ def calibrate_weights(
     weight once no later pass runs it (a one-element placeholder of the same shape remains), for
     a caller that swaps the layers for ``result.weights`` next and needs no float model: the
     float copy then shrinks as the quantized weights accumulate. Kept when an output head is
-    calibrated (its pass runs the whole model again).
+    calibrated (its pass runs the whole model again). ``source`` (onloading: ``model``'s weights
+    are on the meta device, ``lowbit.ptq.onload``) loads each stage's weights just before it runs
+    and implies ``release_weights``.
 
     >>> import torch
     >>> from torch import nn
@@ -721,7 +812,7 @@ def calibrate_weights(
     try:
         with torch.no_grad():
             budget = default_cache_bytes(model) if cache_bytes is None else cache_bytes
-            pipeline = _Pipeline(model, recipe, batches, progress, budget, release_weights)
+            pipeline = _Pipeline(model, recipe, batches, progress, budget, release_weights, source)
             return pipeline.run()
     finally:
         model.train(was_training)
@@ -731,6 +822,7 @@ __all__ = [
     "CalibrationResult",
     "DEFAULT_CACHE_BYTES",
     "StageReport",
+    "WeightSource",
     "calibrate_weights",
     "default_cache_bytes",
 ]

@@ -146,6 +146,29 @@ def candidates(model: nn.Module, targets: tuple[str, ...], layer_names: list[str
     return out
 
 
+def expert_lists(stages: list[tuple[str, nn.Module]]) -> list[str]:
+    """Mixture-of-experts blocks inside the stages: every ``ModuleList`` below a stage whose
+    children (two or more) share one class. Which tokens reach each expert is the router's choice,
+    so an expert may see none of the calibration data.
+
+    >>> block = nn.Module()
+    >>> block.experts = nn.ModuleList([nn.Linear(4, 4) for _ in range(3)])
+    >>> expert_lists([("layers.0", block)])
+    ['layers.0.experts']
+    """
+    found = []
+    for prefix, stage in stages:
+        for name, m in stage.named_modules(prefix=prefix):
+            if (
+                name != prefix
+                and isinstance(m, nn.ModuleList)
+                and len(m) >= 2
+                and len({type(c) for c in m}) == 1
+            ):
+                found.append(name)
+    return found
+
+
 def hidden_of(output: Any) -> torch.Tensor | None:
     """The tensor a stage passes on: its output, or the first element of a tuple / list."""
     if isinstance(output, torch.Tensor):
