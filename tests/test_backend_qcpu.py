@@ -130,3 +130,23 @@ def test_forced_through_use_kernels_on_a_model():
     assert got.shape == ref.shape and float((got - ref).norm() / ref.norm()) < 0.03
     with torch.no_grad():  # deep copies (export, evaluate) keep working kernels
         assert torch.equal(copy.deepcopy(q)(x), got)
+
+
+def test_a_build_lock_left_by_an_interrupted_build_is_removed(tmp_path, monkeypatch, capsys) -> None:
+    """torch's build baton outlives a killed build; left there, every later build waits forever."""
+    from torch.utils import cpp_extension
+
+    monkeypatch.setattr(qcpu, "_ext_dir", lambda: tmp_path)
+    baton = tmp_path / qcpu._ext_name() / "lock"
+    baton.parent.mkdir(parents=True)
+    baton.touch()
+    seen = []
+
+    def fake_load(name, sources, **kwargs):
+        seen.append(baton.exists())
+        return "module"
+
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    module, why = qcpu._build.__wrapped__()
+    assert (module, why, seen) == ("module", None, [False])
+    assert "stale build lock" in capsys.readouterr().err

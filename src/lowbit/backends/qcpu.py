@@ -86,6 +86,16 @@ def _build() -> tuple[ModuleType | None, str | None]:
     try:
         build_dir.mkdir(parents=True, exist_ok=True)
         with FileLock(str(build_dir) + ".lock"):
+            # torch's own build baton: a build killed midway leaves it, and every later build then
+            # waits for it forever. Holding our lock (released by the OS when its holder dies), no
+            # other lowbit build is running, so a baton found now is such a leftover.
+            baton = build_dir / "lock"
+            if baton.exists():
+                print(
+                    f"lowbit: removing a stale build lock left by an interrupted build ({baton})",
+                    file=sys.stderr,
+                )
+                baton.unlink()
             built = any(build_dir.glob(f"{name}*.so"))
             if not built:
                 note = f"lowbit: building the int4/int8 CPU kernel (once, ~{BUILD_SECONDS} s)"
