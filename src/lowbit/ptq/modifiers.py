@@ -306,26 +306,40 @@ class _Entry:
     original: torch.Tensor
 
 
+def gptq_as_recipe(
+    w: torch.Tensor,
+    hessian: torch.Tensor,
+    spec: WeightSpec,
+    recipe: Recipe,
+    updated: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, QParams]:
+    """``gptq_quantize`` on one ``[out, in]`` matrix with the weight spec's grid and the recipe's
+    GPTQ options (``updated``: see ``gptq_quantize``)."""
+    o = recipe.gptq
+    extra = {} if updated is None else {"updated": updated}
+    return gptq_quantize(
+        w,
+        hessian,
+        formats.get(spec.format),
+        parse(spec.granularity),
+        bool(spec.symmetric),
+        block_size=o.block_size,
+        percdamp=o.damping,
+        act_order=o.act_order,
+        static_groups=o.static_groups,
+        observer=o.observer,
+        **extra,
+    )
+
+
 def _gptq(
     w: torch.Tensor, hessian: torch.Tensor, spec: WeightSpec | None, recipe: Recipe
 ) -> tuple[torch.Tensor, QParams, dict[str, float]]:
     """GPTQ on one matrix with the recipe's options; its error and round-to-nearest's, for the report."""
     assert spec is not None
     fmt, g = formats.get(spec.format), parse(spec.granularity)
-    o = recipe.gptq
     with single_thread():  # many small ops: a second thread only adds sync cost
-        c_codes, qp = gptq_quantize(
-            w,
-            hessian,
-            fmt,
-            g,
-            spec.symmetric,
-            block_size=o.block_size,
-            percdamp=o.damping,
-            act_order=o.act_order,
-            static_groups=o.static_groups,
-            observer=o.observer,
-        )
+        c_codes, qp = gptq_as_recipe(w, hessian, spec, recipe)
         rtn_qp = choose_weight_qparams(w, fmt, g, spec.symmetric, "rtn")
         rtn = dequantize(quantize(w, fmt, rtn_qp), fmt, rtn_qp)
         info = {

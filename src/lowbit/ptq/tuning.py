@@ -23,14 +23,13 @@ from torch.func import functional_call
 
 from lowbit import formats
 from lowbit.algorithms.autoround import RoundingWeight, tune
-from lowbit.algorithms.gptq import gptq_quantize
 from lowbit.codecs import QParams
 from lowbit.granularity import parse
 from lowbit.nn.layers import is_hf_conv1d
 from lowbit.nn.qweight import QuantizedWeight
 from lowbit.primitives import check_finite
 from lowbit.ptq.matrices import matrices, read
-from lowbit.ptq.modifiers import LayerResult
+from lowbit.ptq.modifiers import LayerResult, gptq_as_recipe
 from lowbit.ptq.plan import LayerPlan
 from lowbit.ptq.stages import hidden_of
 from lowbit.recipes import Recipe
@@ -127,21 +126,9 @@ def _gptq_start(
     """GPTQ's updated weight and scales: rounded to nearest they are GPTQ's codes."""
     spec = layer.weight
     assert spec is not None
-    o, updated = recipe.gptq, torch.empty_like(w)
+    updated = torch.empty_like(w)
     with single_thread():  # as the gptq modifier runs it: many small ops
-        _, qp = gptq_quantize(
-            w,
-            hessian,
-            formats.get(spec.format),
-            parse(spec.granularity),
-            bool(spec.symmetric),
-            block_size=o.block_size,
-            percdamp=o.damping,
-            act_order=o.act_order,
-            static_groups=o.static_groups,
-            observer=o.observer,
-            updated=updated,
-        )
+        _, qp = gptq_as_recipe(w, hessian, spec, recipe, updated=updated)
     return updated, qp
 
 
