@@ -62,7 +62,9 @@ def _layer(recipe: str | Recipe, n: int, k: int) -> nn.Module:
 
 
 ISAS = {"scalar": 0, "avx2": 1, "avx512-vnni": 2}
-SHAPES = [(1, 64, 1), (24, 128, 3), (7, 256, 17), (64, 192, 8)]
+# (out, in, rows): decode rows (1-4, the VNNI decode path) and tiles, out not a multiple of the
+# four-row quads the kernel stores, in_features in blocks of 64 and of 32
+SHAPES = [(1, 64, 1), (24, 128, 3), (7, 256, 17), (64, 192, 8), (6, 320, 1), (13, 96, 2), (9, 128, 4)]
 
 
 @pytest.mark.parametrize("isa", list(ISAS))
@@ -94,7 +96,7 @@ def test_q4_is_exact_on_every_path(isa, fmt, group, symmetric):
     if ISAS[isa] > ISAS.get(ext.isa(), 0) and isa != ext.isa():
         pytest.skip(f"this CPU runs {ext.isa()}")
     recipe = Recipe(weight=WeightSpec(format=fmt, granularity=f"group:{group}", symmetric=symmetric))
-    for n, k, m in [(5, 256, 1), (33, 512, 9)]:
+    for n, k, m in [(5, 256, 1), (33, 512, 9), (10, 384, 2), (7, 256, 4), (3, 128, 3)]:
         layer = _layer(recipe, n, k)
         if not symmetric:
             kernel = qcpu.Q4_CPU.prepare(layer)

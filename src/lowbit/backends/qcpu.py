@@ -17,8 +17,11 @@ say so through ``unavailable`` and the layer keeps another kernel or the referen
 
 The weight is repacked once per layer (``prepare``): per row, per block of A values along K,
 A / 2 bytes (byte j = code j | code j + A/2 << 4), codes shifted to 0..15 (``q - qmin``), plus one
-float32 scale and one float32 ``scale * zero`` per group. The zero point is folded per group:
-``sum (q - z) s x = s sum(q x) - s z sum(x)``; the second sum comes from the int8 activations.
+float32 scale and one float32 ``scale * zero`` per group; rows are stored in block-interleaved
+quads (``interleave_rows``), so the decode path (1-4 activation rows, AVX512-VNNI) reads four
+output rows as one sequential stream. Both kernels run on torch's intra-op threads. The zero
+point is folded per group: ``sum (q - z) s x = s sum(q x) - s z sum(x)``; the second sum comes
+from the int8 activations.
 
 >>> import torch, lowbit
 >>> q = lowbit.quantize(torch.nn.Sequential(torch.nn.Linear(128, 32)), "int4-weight-only", progress=False)
@@ -56,6 +59,10 @@ from lowbit.backends.linear import (
 
 SOURCE = Path(__file__).parent / "csrc" / "lowbit_qcpu.cpp"
 Q4_GROUPS = (32, 64, 128, 256)
+# -fopenmp: at::parallel_for is a header-only OpenMP loop, so without it every kernel ran on one
+# thread whatever torch.get_num_threads() said.
+CFLAGS = ["-O3", "-fopenmp"]
+LDFLAGS = ["-fopenmp"]
 BUILD_SECONDS = 45  # what the first build took on a 2-core machine (the note users see says ~this)
 
 
@@ -66,8 +73,10 @@ def _ext_dir() -> Path:
 
 
 def _ext_name() -> str:
-    """One name per (source, torch, python): a changed source or torch rebuilds, never reuses."""
-    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + sys.version.encode()).hexdigest()
+    """One name per (source, flags, torch, python): any change rebuilds, never reuses."""
+    flags = " ".join(CFLAGS + LDFLAGS).encode()
+    versions = torch.__version__.encode() + sys.version.encode()
+    key = hashlib.sha256(SOURCE.read_bytes() + flags + versions).hexdigest()
     return f"lowbit_qcpu_{key[:12]}"
 
 
@@ -104,7 +113,8 @@ def _build() -> tuple[ModuleType | None, str | None]:
             module = cpp_extension.load(
                 name,
                 [str(SOURCE)],
-                extra_cflags=["-O3"],
+                extra_cflags=CFLAGS,
+                extra_ldflags=LDFLAGS,
                 build_directory=str(build_dir),
                 verbose=False,
             )
@@ -156,16 +166,36 @@ def block_size(group: int) -> int:
     return 64 if group % 64 == 0 else 32
 
 
-def pack_q4(codes: torch.Tensor, block: int) -> torch.Tensor:
-    """Nibble layout the kernel reads: ``codes`` ``[N, K]`` in 0..15 -> ``[N, K // 2]`` uint8, per
-    block of ``block`` values byte j = code j | code (j + block / 2) << 4.
+ROW_TILE = 4  # rows per block-interleaved quad (kRowTile in the C++ source)
 
-    >>> pack_q4(torch.arange(4).reshape(1, 4) % 16, 4).tolist()
-    [[32, 49]]
+
+def interleave_rows(rows: torch.Tensor, block_bytes: int) -> torch.Tensor:
+    """The kernels' row order: ``[N, B]`` bytes per row -> ``[N rounded up to 4, B]`` where quad q,
+    block b holds its four rows' ``block_bytes`` side by side (padding rows are zeros). The decode
+    path reads four rows at once as one sequential stream.
+
+    >>> interleave_rows(torch.arange(8, dtype=torch.uint8).reshape(2, 4), 2).tolist()
+    [[0, 1, 4, 5], [0, 0, 0, 0], [2, 3, 6, 7], [0, 0, 0, 0]]
+    """
+    n, width = rows.shape
+    padded = -(-n // ROW_TILE) * ROW_TILE
+    if padded != n:
+        rows = torch.cat([rows, rows.new_zeros(padded - n, width)])
+    quads = rows.reshape(padded // ROW_TILE, ROW_TILE, width // block_bytes, block_bytes)
+    return quads.transpose(1, 2).reshape(padded, width).contiguous()
+
+
+def pack_q4(codes: torch.Tensor, block: int) -> torch.Tensor:
+    """Nibble layout the kernel reads: ``codes`` ``[N, K]`` in 0..15 -> ``[N rounded up to 4, K // 2]``
+    uint8; per block of ``block`` values byte j = code j | code (j + block / 2) << 4, rows in
+    ``interleave_rows`` order.
+
+    >>> pack_q4(torch.arange(4).reshape(1, 4) % 16, 4)[0].tolist()
+    [32, 49]
     """
     n, k = codes.shape
     c = codes.to(torch.uint8).reshape(n, k // block, 2, block // 2)
-    return (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+    return interleave_rows((c[:, :, 0] | (c[:, :, 1] << 4)).reshape(n, k // 2), block // 2)
 
 
 def q4_params(layer: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
@@ -242,9 +272,9 @@ class Q8Kernel(Kernel):
     def __init__(self, layer: Any) -> None:
         qw = layer.qweight
         super().__init__(qw.packed.device)
-        self.codes = qw.codes().reshape(qw.shape).to(torch.int8).contiguous()
         self.scale = _per_channel_scale(qw)
         self.block = 64 if qw.shape[1] % 64 == 0 else 32
+        self.codes = interleave_rows(qw.codes().reshape(qw.shape).to(torch.int8), self.block)
         extension()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

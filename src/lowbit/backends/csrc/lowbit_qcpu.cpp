@@ -7,7 +7,8 @@
 // int4 weights (codes 0..15, scale s and zero point z per group of G along K):
 //   y = sum_g s_g * sum_{k in g} (q_k - z_g) * x_k = sum_blocks s d (q . xq) - sum_g (s z)_g X_g,
 //   X_g = sum_{blocks b in g} d_b * (sum xq in b). Signed int4 is stored as q + 8 with z = 8.
-//   Packed per row, per block of A: A / 2 bytes, byte j = code j | code (j + A/2) << 4.
+//   Per row, per block of A: A / 2 bytes, byte j = code j | code (j + A/2) << 4; rows are
+//   stored in block-interleaved quads (see kRowTile).
 // int8 weights (symmetric, one scale per output row): y = s_n * sum_blocks d_b (w . xq).
 //
 // Paths, chosen at run time: AVX512-VNNI (vpdpbusd, u8 x s8 -> s32), AVX2 (vpmaddubsw then
@@ -32,37 +33,18 @@
 namespace {
 
 constexpr int kMaxTile = 8;  // activation rows sharing one decoded weight chunk
+// Weights are stored in quads of output rows, block-interleaved: quad q, block b holds the four
+// rows' blocks side by side. The decode path reads four rows at once; with plain row-major rows
+// those were four streams a row apart, which the hardware prefetcher did not follow (the 32000-row
+// head ran at a third of the one-row speed from DRAM). Interleaved, every path reads one stream.
+// A last quad with fewer rows is padded (its codes are never used).
+constexpr int64_t kRowTile = 4;
 
 struct Act {
   std::vector<int8_t> q;     // [M, K]
   std::vector<float> d;      // [M, K / A]
   std::vector<int32_t> sum;  // [M, K / A]
 };
-
-void quantize_rows(const float* x, int64_t M, int64_t K, int64_t A, Act& act) {
-  const int64_t nb = K / A;
-  act.q.resize(M * K);
-  act.d.resize(M * nb);
-  act.sum.resize(M * nb);
-  at::parallel_for(0, M * nb, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const float* xb = x + i * A;  // row-major [M, K]: block i of the flattened rows
-      float amax = 0.f;
-      for (int64_t j = 0; j < A; ++j) amax = std::fmax(amax, std::fabs(xb[j]));
-      const float d = amax / 127.f;
-      int32_t s = 0;
-      int8_t* qb = act.q.data() + i * A;
-      for (int64_t j = 0; j < A; ++j) {
-        // x / d (not x * (1 / d)): the same rounding as the torch reference in the tests
-        const int32_t v = d == 0.f ? 0 : static_cast<int32_t>(std::nearbyint(xb[j] / d));
-        qb[j] = static_cast<int8_t>(v);
-        s += v;
-      }
-      act.d[i] = d;
-      act.sum[i] = s;
-    }
-  });
-}
 
 // ---- int4 -------------------------------------------------------------------------------------
 
@@ -77,6 +59,12 @@ struct Q4Args {
   int64_t M, N, K, G, A;
 };
 
+// Row n's block b: A / 2 bytes.
+inline const uint8_t* q4_block(const Q4Args& a, int64_t n, int64_t b) {
+  const int64_t half = a.A / 2, nb = a.K / a.A;
+  return a.w + ((n / kRowTile) * nb + b) * (kRowTile * half) + (n % kRowTile) * half;
+}
+
 inline float zero_term(const Q4Args& a, int64_t n, int64_t m) {
   const int64_t ng = a.K / a.G;
   const float* sz = a.sz + n * ng;
@@ -89,13 +77,12 @@ inline float zero_term(const Q4Args& a, int64_t n, int64_t m) {
 void q4_rows_scalar(const Q4Args& a, int64_t n0, int64_t n1) {
   const int64_t nb = a.K / a.A, half = a.A / 2, ng = a.K / a.G;
   for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* wr = a.w + n * (a.K / 2);
     for (int64_t m = 0; m < a.M; ++m) {
       const int8_t* xr = a.xq + m * a.K;
       float acc = 0.f;
       for (int64_t b = 0; b < nb; ++b) {
         int32_t dot = 0;
-        const uint8_t* wb = wr + b * half;
+        const uint8_t* wb = q4_block(a, n, b);
         const int8_t* xb = xr + b * a.A;
         for (int64_t j = 0; j < half; ++j) {
           dot += (wb[j] & 15) * xb[j] + (wb[j] >> 4) * xb[j + half];
@@ -124,13 +111,12 @@ LOWBIT_AVX2 inline float hsum256(__m256 v) {
 template <int T>
 LOWBIT_VNNI void q4_tile_vnni64(const Q4Args& a, int64_t n, int64_t m0) {
   const int64_t nb = a.K / 64, ng = a.K / a.G, per_group = a.G / 64;
-  const uint8_t* wr = a.w + n * (a.K / 2);
   const float* sr = a.s + n * ng;
   const __m256i low = _mm256_set1_epi8(15);
   __m512 acc[T];
   for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
-    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + b * 32));
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q4_block(a, n, b)));
     const __m256i lo = _mm256_and_si256(v, low);
     const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
     const __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
@@ -149,13 +135,12 @@ LOWBIT_VNNI void q4_tile_vnni64(const Q4Args& a, int64_t n, int64_t m0) {
 template <int T>
 LOWBIT_VNNI void q4_tile_vnni32(const Q4Args& a, int64_t n, int64_t m0) {
   const int64_t nb = a.K / 32, ng = a.K / a.G, per_group = a.G / 32;
-  const uint8_t* wr = a.w + n * (a.K / 2);
   const float* sr = a.s + n * ng;
   const __m128i low = _mm_set1_epi8(15);
   __m256 acc[T];
   for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
-    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + b * 16));
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q4_block(a, n, b)));
     const __m256i w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), low), _mm_and_si128(v, low));
     const float s = sr[b / per_group];
     for (int t = 0; t < T; ++t) {
@@ -176,7 +161,6 @@ LOWBIT_AVX2 inline __m256i dot_u8s8_avx2(__m256i w, __m256i x) {
 template <int T>
 LOWBIT_AVX2 void q4_tile_avx2(const Q4Args& a, int64_t n, int64_t m0) {
   const int64_t nb = a.K / a.A, ng = a.K / a.G, half = a.A / 2, per_group = a.G / a.A;
-  const uint8_t* wr = a.w + n * (a.K / 2);
   const float* sr = a.s + n * ng;
   __m256 acc[T];
   for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
@@ -185,7 +169,7 @@ LOWBIT_AVX2 void q4_tile_avx2(const Q4Args& a, int64_t n, int64_t m0) {
   for (int64_t b = 0; b < nb; ++b) {
     const float s = sr[b / per_group];
     if (a.A == 64) {
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + b * 32));
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q4_block(a, n, b)));
       const __m256i lo = _mm256_and_si256(v, low);
       const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
       for (int t = 0; t < T; ++t) {
@@ -197,7 +181,7 @@ LOWBIT_AVX2 void q4_tile_avx2(const Q4Args& a, int64_t n, int64_t m0) {
         acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(s * a.dx[m * nb + b]), acc[t]);
       }
     } else {
-      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + b * half));
+      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q4_block(a, n, b)));
       const __m256i w =
           _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), low128), _mm_and_si128(v, low128));
       for (int t = 0; t < T; ++t) {
@@ -209,6 +193,67 @@ LOWBIT_AVX2 void q4_tile_avx2(const Q4Args& a, int64_t n, int64_t m0) {
     }
   }
   for (int t = 0; t < T; ++t) a.y[(m0 + t) * a.N + n] = hsum256(acc[t]) - zero_term(a, n, m0 + t);
+}
+
+// ---- decode: at most kDecodeRows activation rows (VNNI, blocks of 64) -------------------------
+// The tiles above take one output row at a time: at batch 1 that is one fma chain, a division
+// per block (b / per_group) and a scalar zero-point sum per row, which left the kernel bound by
+// latency at ~12 GB/s of weights. Here R output rows share each activation block (R independent
+// chains), groups are walked without a division, and the zero term is one vector dot per row.
+constexpr int64_t kDecodeRows = 4;  // M at or below this takes the decode path
+
+LOWBIT_VNNI inline float dot_f32(const float* a, const float* b, int64_t n) {
+  __m512 acc = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+  if (i < n) {
+    const __mmask16 k = static_cast<__mmask16>((1u << (n - i)) - 1);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, a + i), _mm512_maskz_loadu_ps(k, b + i), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+template <int R, int M>
+LOWBIT_VNNI void q4_decode_vnni64(const Q4Args& a, int64_t n0) {
+  const int64_t ng = a.K / a.G, per_group = a.G / 64, nb = a.K / 64;
+  const uint8_t* quad = a.w + (n0 / kRowTile) * nb * (kRowTile * 32);  // this quad's blocks, in order
+  const __m512i low = _mm512_set1_epi8(15);
+  const __m512i nibble_shift = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
+  __m512 acc[R][M];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
+  for (int64_t g = 0, b = 0; g < ng; ++g) {
+    // sum over the group's blocks of dx * dot, then one multiply by the group's scale per row
+    __m512 part[R][M];
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < M; ++m) part[r][m] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < per_group; ++j, ++b) {
+      __m512i x[M];
+      __m512 dx[M];
+      for (int m = 0; m < M; ++m) {
+        x[m] = _mm512_loadu_si512(a.xq + m * a.K + b * 64);
+        dx[m] = _mm512_set1_ps(a.dx[m * nb + b]);
+      }
+      const uint8_t* wb = quad + b * (kRowTile * 32);
+      for (int r = 0; r < R; ++r) {
+        // the 32 bytes in both halves, the upper half shifted down a nibble: 64 codes in 3 uops
+        const __m512i v = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + r * 32)));
+        const __m512i w = _mm512_and_si512(_mm512_srlv_epi16(v, nibble_shift), low);
+        for (int m = 0; m < M; ++m) {
+          const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, x[m]);
+          part[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), dx[m], part[r][m]);
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m512 sv = _mm512_set1_ps(a.s[(n0 + r) * ng + g]);
+      for (int m = 0; m < M; ++m) acc[r][m] = _mm512_fmadd_ps(part[r][m], sv, acc[r][m]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const float* sz = a.sz + (n0 + r) * ng;
+    for (int m = 0; m < M; ++m) a.y[m * a.N + n0 + r] = hsum512(acc[r][m]) - dot_f32(sz, a.xg + m * ng, ng);
+  }
 }
 #endif  // LOWBIT_X86
 
@@ -234,6 +279,65 @@ Isa isa() {
   return found;
 }
 
+// One block of A activations -> int8 codes, scale d and code sum (see the file's header).
+void quantize_block_scalar(const float* xb, int64_t A, int8_t* qb, float* d_out, int32_t* sum_out) {
+  float amax = 0.f;
+  for (int64_t j = 0; j < A; ++j) amax = std::fmax(amax, std::fabs(xb[j]));
+  const float d = amax / 127.f;
+  int32_t s = 0;
+  for (int64_t j = 0; j < A; ++j) {
+    // x / d (not x * (1 / d)): the same rounding as the torch reference in the tests
+    const int32_t v = d == 0.f ? 0 : static_cast<int32_t>(std::nearbyint(xb[j] / d));
+    qb[j] = static_cast<int8_t>(v);
+    s += v;
+  }
+  *d_out = d;
+  *sum_out = s;
+}
+
+#if LOWBIT_X86
+// The same arithmetic 16 lanes at a time: IEEE division and round-to-nearest-even conversion
+// (the default rounding mode, as std::nearbyint uses) give the scalar path's codes bit for bit.
+LOWBIT_VNNI void quantize_block_vnni(const float* xb, int64_t A, int8_t* qb, float* d_out, int32_t* sum_out) {
+  __m512 amax = _mm512_setzero_ps();
+  for (int64_t j = 0; j < A; j += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_loadu_ps(xb + j)));
+  const float d = _mm512_reduce_max_ps(amax) / 127.f;
+  if (d == 0.f) {
+    std::memset(qb, 0, A);
+    *d_out = 0.f;
+    *sum_out = 0;
+    return;
+  }
+  const __m512 dv = _mm512_set1_ps(d);
+  __m512i sum = _mm512_setzero_si512();
+  for (int64_t j = 0; j < A; j += 16) {
+    const __m512i v = _mm512_cvtps_epi32(_mm512_div_ps(_mm512_loadu_ps(xb + j), dv));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(qb + j), _mm512_cvtepi32_epi8(v));
+    sum = _mm512_add_epi32(sum, v);
+  }
+  *d_out = d;
+  *sum_out = _mm512_reduce_add_epi32(sum);
+}
+#endif
+
+void quantize_rows(const float* x, int64_t M, int64_t K, int64_t A, Act& act, Isa which) {
+  const int64_t nb = K / A;
+  act.q.resize(M * K);
+  act.d.resize(M * nb);
+  act.sum.resize(M * nb);
+  at::parallel_for(0, M * nb, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {  // row-major [M, K]: block i of the flattened rows
+#if LOWBIT_X86
+      if (which == Isa::kVnni) {
+        quantize_block_vnni(x + i * A, A, act.q.data() + i * A, &act.d[i], &act.sum[i]);
+        continue;
+      }
+#endif
+      quantize_block_scalar(x + i * A, A, act.q.data() + i * A, &act.d[i], &act.sum[i]);
+    }
+  });
+}
+
 template <typename Fn>
 void for_tiles(int64_t M, Fn fn) {
   for (int64_t m0 = 0; m0 < M;) {
@@ -255,8 +359,31 @@ void for_tiles(int64_t M, Fn fn) {
     default: FN<8>(__VA_ARGS__); break;     \
   }
 
+// FN<R, M>(args..., n) over output rows n0..n1 in steps of kRowTile (the last one shorter),
+// M = the activation rows (at most kDecodeRows).
+#define LOWBIT_DECODE_M(FN, R, M, ...)        \
+  switch (M) {                                \
+    case 1: FN<R, 1>(__VA_ARGS__); break;     \
+    case 2: FN<R, 2>(__VA_ARGS__); break;     \
+    case 3: FN<R, 3>(__VA_ARGS__); break;     \
+    default: FN<R, 4>(__VA_ARGS__); break;    \
+  }
+#define LOWBIT_DECODE(FN, M, n0, n1, ...)                                    \
+  for (int64_t n = n0; n < n1; n += kRowTile) {                              \
+    switch (std::min<int64_t>(kRowTile, n1 - n)) {                           \
+      case 1: LOWBIT_DECODE_M(FN, 1, M, __VA_ARGS__, n) break;                  \
+      case 2: LOWBIT_DECODE_M(FN, 2, M, __VA_ARGS__, n) break;                  \
+      case 3: LOWBIT_DECODE_M(FN, 3, M, __VA_ARGS__, n) break;                  \
+      default: LOWBIT_DECODE_M(FN, 4, M, __VA_ARGS__, n) break;                 \
+    }                                                                        \
+  }
+
 void q4_rows(const Q4Args& a, int64_t n0, int64_t n1, Isa which) {
 #if LOWBIT_X86
+  if (which == Isa::kVnni && a.A == 64 && a.M <= kDecodeRows) {
+    LOWBIT_DECODE(q4_decode_vnni64, a.M, n0, n1, a)
+    return;
+  }
   if (which == Isa::kVnni) {
     for (int64_t n = n0; n < n1; ++n) {
       for_tiles(a.M, [&](int64_t m0, int64_t t) {
@@ -286,19 +413,31 @@ void check_cpu_float(const torch::Tensor& t, const char* what) {
 
 }  // namespace
 
-// x [M, K] float32; w [N, K/2] uint8 (packed as above); s, sz [N, K/G] float32.
+// Output rows n0..n1 as quads q0..q1 in parallel (a quad is never split between threads).
+template <typename Fn>
+void parallel_rows(int64_t N, Fn fn) {
+  const int64_t quads = (N + kRowTile - 1) / kRowTile;
+  at::parallel_for(0, quads, 4, [&](int64_t q0, int64_t q1) {
+    fn(q0 * kRowTile, std::min(N, q1 * kRowTile));
+  });
+}
+
+inline int64_t padded_rows(int64_t n) { return (n + kRowTile - 1) / kRowTile * kRowTile; }
+
+// x [M, K] float32; w [N rounded up to 4, K/2] uint8 (packed as above); s, sz [N, K/G] float32.
 torch::Tensor q4_linear(torch::Tensor x, torch::Tensor w, torch::Tensor s, torch::Tensor sz, int64_t group,
                         int64_t block) {
   check_cpu_float(x, "x");
   check_cpu_float(s, "scale");
   check_cpu_float(sz, "scale * zero");
   TORCH_CHECK(w.scalar_type() == torch::kUInt8 && w.is_contiguous() && w.dim() == 2, "packed weight");
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  const int64_t M = x.size(0), K = x.size(1), N = s.size(0);
   TORCH_CHECK(block == 32 || block == 64, "block must be 32 or 64");
   TORCH_CHECK(K % group == 0 && group % block == 0 && w.size(1) * 2 == K, "shape mismatch");
+  TORCH_CHECK(w.size(0) == padded_rows(N), "packed weight rows must be a multiple of 4");
   TORCH_CHECK(s.size(0) == N && s.size(1) == K / group && sz.sizes() == s.sizes(), "scale shape");
   Act act;
-  quantize_rows(x.data_ptr<float>(), M, K, block, act);
+  quantize_rows(x.data_ptr<float>(), M, K, block, act, isa());
   const int64_t ng = K / group, nb = K / block, per_group = group / block;
   std::vector<float> xg(M * ng, 0.f);
   for (int64_t m = 0; m < M; ++m) {
@@ -310,7 +449,7 @@ torch::Tensor q4_linear(torch::Tensor x, torch::Tensor w, torch::Tensor s, torch
   Q4Args a{w.data_ptr<uint8_t>(), s.data_ptr<float>(), sz.data_ptr<float>(), act.q.data(), act.d.data(),
            xg.data(), y.data_ptr<float>(), M, N, K, group, block};
   const Isa which = isa();
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) { q4_rows(a, n0, n1, which); });
+  parallel_rows(N, [&](int64_t n0, int64_t n1) { q4_rows(a, n0, n1, which); });
   return y;
 }
 
@@ -323,9 +462,16 @@ struct Q8Args {
   const float* s;    // [N]
   const int8_t* xq;  // [M, K]
   const float* dx;   // [M, K / A]
+  const int32_t* xs;  // [M, K / A]: sum of each block's codes
   float* y;
   int64_t M, N, K, A;
 };
+
+// Row n's block b: A bytes (the quads of the int4 layout).
+inline const int8_t* q8_block(const Q8Args& a, int64_t n, int64_t b) {
+  const int64_t nb = a.K / a.A;
+  return a.w + ((n / kRowTile) * nb + b) * (kRowTile * a.A) + (n % kRowTile) * a.A;
+}
 
 void q8_rows_scalar(const Q8Args& a, int64_t n0, int64_t n1) {
   const int64_t nb = a.K / a.A;
@@ -334,7 +480,7 @@ void q8_rows_scalar(const Q8Args& a, int64_t n0, int64_t n1) {
       float acc = 0.f;
       for (int64_t b = 0; b < nb; ++b) {
         int32_t dot = 0;
-        for (int64_t j = 0; j < a.A; ++j) dot += a.w[n * a.K + b * a.A + j] * a.xq[m * a.K + b * a.A + j];
+        for (int64_t j = 0; j < a.A; ++j) dot += q8_block(a, n, b)[j] * a.xq[m * a.K + b * a.A + j];
         acc += a.dx[m * nb + b] * static_cast<float>(dot);
       }
       a.y[m * a.N + n] = a.s[n] * acc;
@@ -347,13 +493,12 @@ void q8_rows_scalar(const Q8Args& a, int64_t n0, int64_t n1) {
 template <int T>
 LOWBIT_VNNI void q8_tile_vnni(const Q8Args& a, int64_t n, int64_t m0) {
   const int64_t nb = a.K / a.A;
-  const int8_t* wr = a.w + n * a.K;
   __m512 acc[T];
   for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
   const __m512i zero = _mm512_setzero_si512();
   if (a.A == 64) {
     for (int64_t b = 0; b < nb; ++b) {
-      const __m512i w = _mm512_loadu_si512(wr + b * 64);
+      const __m512i w = _mm512_loadu_si512(q8_block(a, n, b));
       const __m512i aw = _mm512_abs_epi8(w);
       const __mmask64 neg = _mm512_movepi8_mask(w);
       for (int t = 0; t < T; ++t) {
@@ -369,7 +514,7 @@ LOWBIT_VNNI void q8_tile_vnni(const Q8Args& a, int64_t n, int64_t m0) {
     __m256 acc2[T];
     for (int t = 0; t < T; ++t) acc2[t] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
-      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + b * 32));
+      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q8_block(a, n, b)));
       const __m256i aw = _mm256_abs_epi8(w);
       const __mmask32 neg = _mm256_movepi8_mask(w);
       for (int t = 0; t < T; ++t) {
@@ -390,14 +535,13 @@ LOWBIT_VNNI void q8_tile_vnni(const Q8Args& a, int64_t n, int64_t m0) {
 template <int T>
 LOWBIT_AVX2 void q8_tile_avx2(const Q8Args& a, int64_t n, int64_t m0) {
   const int64_t nb = a.K / a.A, steps = a.A / 32;
-  const int8_t* wr = a.w + n * a.K;
   __m256 acc[T];
   for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     __m256i dot[T];
     for (int t = 0; t < T; ++t) dot[t] = _mm256_setzero_si256();
     for (int64_t j = 0; j < steps; ++j) {
-      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + b * a.A + j * 32));
+      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q8_block(a, n, b) + j * 32));
       const __m256i aw = _mm256_sign_epi8(w, w);
       for (int t = 0; t < T; ++t) {
         const int8_t* xb = a.xq + (m0 + t) * a.K + b * a.A + j * 32;
@@ -411,10 +555,74 @@ LOWBIT_AVX2 void q8_tile_avx2(const Q8Args& a, int64_t n, int64_t m0) {
   }
   for (int t = 0; t < T; ++t) a.y[(m0 + t) * a.N + n] = a.s[n] * hsum256(acc[t]);
 }
+
+// Decode (at most kDecodeRows activation rows): vpdpbusd multiplies u8 x s8, so the weight is
+// read as w ^ 0x80 = w + 128 (u8) and each block's accumulator starts at -128 * sum(x codes) in
+// one lane: the block's integer dot stays exact, with two instructions fewer per row than the
+// |w| x sign(x, w) form, and R output rows share each activation block (R fma chains).
+template <int R, int M>
+LOWBIT_VNNI void q8_decode_vnni(const Q8Args& a, int64_t n0) {
+  const int64_t nb = a.K / a.A;
+  float out[R][M];
+  if (a.A == 64) {
+    const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+    __m512 acc[R][M];
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+      __m512i x[M], init[M];
+      __m512 dx[M];
+      for (int m = 0; m < M; ++m) {
+        x[m] = _mm512_loadu_si512(a.xq + m * a.K + b * 64);
+        init[m] = _mm512_maskz_set1_epi32(1, -128 * a.xs[m * nb + b]);
+        dx[m] = _mm512_set1_ps(a.dx[m * nb + b]);
+      }
+      for (int r = 0; r < R; ++r) {
+        const __m512i w = _mm512_xor_si512(_mm512_loadu_si512(q8_block(a, n0 + r, b)), flip);
+        for (int m = 0; m < M; ++m) {
+          const __m512i dot = _mm512_dpbusd_epi32(init[m], w, x[m]);
+          acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), dx[m], acc[r][m]);
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < M; ++m) out[r][m] = hsum512(acc[r][m]);
+  } else {
+    const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
+    __m256 acc[R][M];
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < M; ++m) acc[r][m] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+      __m256i x[M], init[M];
+      __m256 dx[M];
+      for (int m = 0; m < M; ++m) {
+        x[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.xq + m * a.K + b * 32));
+        init[m] = _mm256_maskz_set1_epi32(1, -128 * a.xs[m * nb + b]);
+        dx[m] = _mm256_set1_ps(a.dx[m * nb + b]);
+      }
+      for (int r = 0; r < R; ++r) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q8_block(a, n0 + r, b)));
+        const __m256i w = _mm256_xor_si256(v, flip);
+        for (int m = 0; m < M; ++m) {
+          const __m256i dot = _mm256_dpbusd_epi32(init[m], w, x[m]);
+          acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), dx[m], acc[r][m]);
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < M; ++m) out[r][m] = hsum256(acc[r][m]);
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) a.y[m * a.N + n0 + r] = a.s[n0 + r] * out[r][m];
+}
 #endif
 
 void q8_rows(const Q8Args& a, int64_t n0, int64_t n1, Isa which) {
 #if LOWBIT_X86
+  if (which == Isa::kVnni && a.M <= kDecodeRows) {
+    LOWBIT_DECODE(q8_decode_vnni, a.M, n0, n1, a)
+    return;
+  }
   if (which == Isa::kVnni || which == Isa::kAvx2) {
     for (int64_t n = n0; n < n1; ++n) {
       for_tiles(a.M, [&](int64_t m0, int64_t t) {
@@ -433,21 +641,21 @@ void q8_rows(const Q8Args& a, int64_t n0, int64_t n1, Isa which) {
 
 }  // namespace
 
-// x [M, K] float32; w [N, K] int8 codes; s [N] float32 row scales.
+// x [M, K] float32; w [N rounded up to 4, K] int8 codes in quads of rows; s [N] float32 row scales.
 torch::Tensor q8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor s, int64_t block) {
   check_cpu_float(x, "x");
   check_cpu_float(s, "scale");
   TORCH_CHECK(w.scalar_type() == torch::kInt8 && w.is_contiguous() && w.dim() == 2, "int8 weight");
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  const int64_t M = x.size(0), K = x.size(1), N = s.numel();
   TORCH_CHECK(block == 32 || block == 64, "block must be 32 or 64");
-  TORCH_CHECK(K % block == 0 && w.size(1) == K && s.numel() == N, "shape mismatch");
+  TORCH_CHECK(K % block == 0 && w.size(1) == K && w.size(0) == padded_rows(N), "shape mismatch");
   Act act;
-  quantize_rows(x.data_ptr<float>(), M, K, block, act);
+  quantize_rows(x.data_ptr<float>(), M, K, block, act, isa());
   auto y = torch::empty({M, N}, x.options());
-  Q8Args a{w.data_ptr<int8_t>(), s.data_ptr<float>(), act.q.data(), act.d.data(), y.data_ptr<float>(), M, N, K,
-           block};
+  Q8Args a{w.data_ptr<int8_t>(), s.data_ptr<float>(), act.q.data(), act.d.data(), act.sum.data(),
+           y.data_ptr<float>(), M, N, K, block};
   const Isa which = isa();
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) { q8_rows(a, n0, n1, which); });
+  parallel_rows(N, [&](int64_t n0, int64_t n1) { q8_rows(a, n0, n1, which); });
   return y;
 }
 
