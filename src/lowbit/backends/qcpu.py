@@ -17,7 +17,7 @@ say so through ``unavailable`` and the layer keeps another kernel or the referen
 
 The weight is repacked once per layer (``prepare``): per row, per block of A values along K,
 A / 2 bytes (byte j = code j | code j + A/2 << 4), codes shifted to 0..15 (``q - qmin``), plus one
-float32 scale and one float32 ``scale * zero`` per group; rows are stored in block-interleaved
+float32 scale and one uint8 zero point per group; rows are stored in block-interleaved
 quads (``interleave_rows``), so the decode path (1-4 activation rows, AVX512-VNNI) reads four
 output rows as one sequential stream. Both kernels run on torch's intra-op threads. The zero
 point is folded per group: ``sum (q - z) s x = s sum(q x) - s z sum(x)``; the second sum comes
@@ -40,6 +40,7 @@ import hashlib
 import os
 import sys
 import time
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 from types import ModuleType
@@ -50,7 +51,6 @@ import torch
 from lowbit import granularity as gran
 from lowbit.backends.base import Backend, Kernel
 from lowbit.backends.linear import (
-    _flat,
     _group_size,
     _per_channel_scale,
     _symmetric_int_per_channel,
@@ -154,6 +154,18 @@ def _cpu_only(layer: Any) -> str | None:
     return None if layer.qweight.packed.device.type == "cpu" else "CPU only"
 
 
+def _run(x: torch.Tensor, kernel: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``kernel`` on ``x`` flattened to contiguous float32 rows, reshaped and cast back. At batch 1
+    a call is a few microseconds of kernel, so conversions that would copy nothing are skipped."""
+    flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    if flat.dtype != torch.float32 or not flat.is_contiguous():
+        flat = flat.float().contiguous()
+    y = kernel(flat)
+    if x.dim() != 2:
+        y = y.view(*x.shape[:-1], y.shape[-1])
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
 # --- int4 ---------------------------------------------------------------------------------------
 
 
@@ -199,7 +211,7 @@ def pack_q4(codes: torch.Tensor, block: int) -> torch.Tensor:
 
 
 def q4_params(layer: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """(codes shifted to 0..15 ``[N, K]``, scale ``[N, K/G]``, scale * shifted zero ``[N, K/G]``, G):
+    """(codes shifted to 0..15 ``[N, K]``, scale ``[N, K/G]``, shifted zero ``[N, K/G]`` uint8, G):
     ``weight = (codes - zero) * scale`` exactly as the layer dequantizes."""
     qw = layer.qweight
     n, k = qw.shape
@@ -209,7 +221,7 @@ def q4_params(layer: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int
     scale = qw.scale_values().reshape(n, k // group)
     zp = getattr(qw, "zero_point", None)
     zero = torch.zeros_like(scale) if zp is None else zp.to(torch.float32).reshape(n, k // group)
-    return codes, scale, (scale * (zero - qmin)).contiguous(), group
+    return codes, scale, (zero - qmin).to(torch.uint8).contiguous(), group
 
 
 class Q4Kernel(Kernel):
@@ -219,16 +231,19 @@ class Q4Kernel(Kernel):
 
     def __init__(self, layer: Any) -> None:
         super().__init__(layer.qweight.packed.device)
-        codes, self.scale, self.scale_zero, self.group = q4_params(layer)
+        codes, self.scale, self.zero, self.group = q4_params(layer)
         self.block = block_size(self.group)
         self.packed = pack_q4(codes, self.block)
         extension()  # built (or refused) now, not at the first call
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        flat, lead = _flat(x.float().contiguous())
         # The module is looked up per call, not kept: kernels are deep-copied with their model.
-        y = extension().q4_linear(flat, self.packed, self.scale, self.scale_zero, self.group, self.block)
-        return y.reshape(*lead, -1).to(x.dtype)
+        return _run(
+            x,
+            lambda flat: extension().q4_linear(
+                flat, self.packed, self.scale, self.zero, self.group, self.block
+            ),
+        )
 
 
 def _q4_unsupported(layer: Any) -> str | None:
@@ -246,6 +261,9 @@ def _q4_unsupported(layer: Any) -> str | None:
         return f"needs groups of {'/'.join(map(str, Q4_GROUPS))} along K (has {qw.granularity})"
     if k % group:
         return f"needs in_features divisible by the group {group} (has {k})"
+    zp = getattr(qw, "zero_point", None)
+    if zp is not None and zp.is_floating_point():
+        return "needs integer zero points (has float ones)"
     return _cpu_only(layer)
 
 
@@ -278,9 +296,7 @@ class Q8Kernel(Kernel):
         extension()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        flat, lead = _flat(x.float().contiguous())
-        y = extension().q8_linear(flat, self.codes, self.scale, self.block)
-        return y.reshape(*lead, -1).to(x.dtype)
+        return _run(x, lambda flat: extension().q8_linear(flat, self.codes, self.scale, self.block))
 
 
 def _q8_unsupported(layer: Any) -> str | None:

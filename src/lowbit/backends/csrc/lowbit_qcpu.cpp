@@ -51,7 +51,8 @@ struct Act {
 struct Q4Args {
   const uint8_t* w;    // [N, K / 2]
   const float* s;      // [N, K / G]
-  const float* sz;     // [N, K / G]
+  const uint8_t* z;    // [N, K / G]: zero point - qmin (the scale * zero product is formed here,
+                       // in float32 as torch would: 3 bytes fewer per group to read)
   const int8_t* xq;    // [M, K]
   const float* dx;     // [M, K / A]
   const float* xg;     // [M, K / G]: sum over the group's blocks of d * sum(xq)
@@ -67,10 +68,11 @@ inline const uint8_t* q4_block(const Q4Args& a, int64_t n, int64_t b) {
 
 inline float zero_term(const Q4Args& a, int64_t n, int64_t m) {
   const int64_t ng = a.K / a.G;
-  const float* sz = a.sz + n * ng;
+  const float* s = a.s + n * ng;
+  const uint8_t* z = a.z + n * ng;
   const float* xg = a.xg + m * ng;
   float t = 0.f;
-  for (int64_t g = 0; g < ng; ++g) t += sz[g] * xg[g];
+  for (int64_t g = 0; g < ng; ++g) t += (s[g] * static_cast<float>(z[g])) * xg[g];
   return t;
 }
 
@@ -202,13 +204,14 @@ LOWBIT_AVX2 void q4_tile_avx2(const Q4Args& a, int64_t n, int64_t m0) {
 // chains), groups are walked without a division, and the zero term is one vector dot per row.
 constexpr int64_t kDecodeRows = 4;  // M at or below this takes the decode path
 
-LOWBIT_VNNI inline float dot_f32(const float* a, const float* b, int64_t n) {
+// sum_g (s_g * z_g) * x_g, 16 groups at a time
+LOWBIT_VNNI inline float zero_dot(const float* s, const uint8_t* z, const float* x, int64_t n) {
   __m512 acc = _mm512_setzero_ps();
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
-  if (i < n) {
-    const __mmask16 k = static_cast<__mmask16>((1u << (n - i)) - 1);
-    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, a + i), _mm512_maskz_loadu_ps(k, b + i), acc);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 k = n - i >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - i)) - 1);
+    const __m512 zf = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, z + i)));
+    const __m512 sz = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, s + i), zf);
+    acc = _mm512_fmadd_ps(sz, _mm512_maskz_loadu_ps(k, x + i), acc);
   }
   return _mm512_reduce_add_ps(acc);
 }
@@ -251,8 +254,9 @@ LOWBIT_VNNI void q4_decode_vnni64(const Q4Args& a, int64_t n0) {
     }
   }
   for (int r = 0; r < R; ++r) {
-    const float* sz = a.sz + (n0 + r) * ng;
-    for (int m = 0; m < M; ++m) a.y[m * a.N + n0 + r] = hsum512(acc[r][m]) - dot_f32(sz, a.xg + m * ng, ng);
+    const float* s = a.s + (n0 + r) * ng;
+    const uint8_t* z = a.z + (n0 + r) * ng;
+    for (int m = 0; m < M; ++m) a.y[m * a.N + n0 + r] = hsum512(acc[r][m]) - zero_dot(s, z, a.xg + m * ng, ng);
   }
 }
 #endif  // LOWBIT_X86
@@ -424,18 +428,19 @@ void parallel_rows(int64_t N, Fn fn) {
 
 inline int64_t padded_rows(int64_t n) { return (n + kRowTile - 1) / kRowTile * kRowTile; }
 
-// x [M, K] float32; w [N rounded up to 4, K/2] uint8 (packed as above); s, sz [N, K/G] float32.
-torch::Tensor q4_linear(torch::Tensor x, torch::Tensor w, torch::Tensor s, torch::Tensor sz, int64_t group,
+// x [M, K] float32; w [N rounded up to 4, K/2] uint8 (packed as above); s [N, K/G] float32;
+// z [N, K/G] uint8 (zero point - qmin).
+torch::Tensor q4_linear(torch::Tensor x, torch::Tensor w, torch::Tensor s, torch::Tensor z, int64_t group,
                         int64_t block) {
   check_cpu_float(x, "x");
   check_cpu_float(s, "scale");
-  check_cpu_float(sz, "scale * zero");
+  TORCH_CHECK(z.scalar_type() == torch::kUInt8 && z.is_contiguous(), "zero points must be contiguous uint8");
   TORCH_CHECK(w.scalar_type() == torch::kUInt8 && w.is_contiguous() && w.dim() == 2, "packed weight");
   const int64_t M = x.size(0), K = x.size(1), N = s.size(0);
   TORCH_CHECK(block == 32 || block == 64, "block must be 32 or 64");
   TORCH_CHECK(K % group == 0 && group % block == 0 && w.size(1) * 2 == K, "shape mismatch");
   TORCH_CHECK(w.size(0) == padded_rows(N), "packed weight rows must be a multiple of 4");
-  TORCH_CHECK(s.size(0) == N && s.size(1) == K / group && sz.sizes() == s.sizes(), "scale shape");
+  TORCH_CHECK(s.size(0) == N && s.size(1) == K / group && z.sizes() == s.sizes(), "scale shape");
   Act act;
   quantize_rows(x.data_ptr<float>(), M, K, block, act, isa());
   const int64_t ng = K / group, nb = K / block, per_group = group / block;
@@ -446,7 +451,7 @@ torch::Tensor q4_linear(torch::Tensor x, torch::Tensor w, torch::Tensor s, torch
     }
   }
   auto y = torch::empty({M, N}, x.options());
-  Q4Args a{w.data_ptr<uint8_t>(), s.data_ptr<float>(), sz.data_ptr<float>(), act.q.data(), act.d.data(),
+  Q4Args a{w.data_ptr<uint8_t>(), s.data_ptr<float>(), z.data_ptr<uint8_t>(), act.q.data(), act.d.data(),
            xg.data(), y.data_ptr<float>(), M, N, K, group, block};
   const Isa which = isa();
   parallel_rows(N, [&](int64_t n0, int64_t n1) { q4_rows(a, n0, n1, which); });
