@@ -56,3 +56,11 @@ def test_cli_refuses_unknown_variants(capsys):
     code = main(["bench", "decode", "--variants", "fp32,nope", "--layers", "1", "--hidden", "32"])
     assert code != 0
     assert "unknown decode variant" in capsys.readouterr().err
+
+
+def test_the_fidelity_row_is_int4_in_groups_of_32_with_int8_edges():
+    from lowbit.decode_bench import LOWBIT_RECIPES, _recipe
+
+    recipe = _recipe(LOWBIT_RECIPES["lowbit int4 g32"])
+    assert recipe.weight.granularity == "group:32" and recipe.embeddings_and_head == "int8"
+    assert recipe.weight.format == "uint4" and _recipe("int4-weight-only") == "int4-weight-only"

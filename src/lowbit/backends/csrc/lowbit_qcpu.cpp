@@ -102,6 +102,18 @@ void q4_rows_scalar(const Q4Args& a, int64_t n0, int64_t n1) {
 
 LOWBIT_VNNI inline float hsum512(__m512 v) { return _mm512_reduce_add_ps(v); }
 
+// sum_g (s_g * z_g) * x_g, 16 groups at a time
+LOWBIT_VNNI inline float zero_dot(const float* s, const uint8_t* z, const float* x, int64_t n) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 k = n - i >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - i)) - 1);
+    const __m512 zf = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, z + i)));
+    const __m512 sz = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, s + i), zf);
+    acc = _mm512_fmadd_ps(sz, _mm512_maskz_loadu_ps(k, x + i), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
 LOWBIT_AVX2 inline float hsum256(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -130,7 +142,9 @@ LOWBIT_VNNI void q4_tile_vnni64(const Q4Args& a, int64_t n, int64_t m0) {
       acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(s * a.dx[m * nb + b]), acc[t]);
     }
   }
-  for (int t = 0; t < T; ++t) a.y[(m0 + t) * a.N + n] = hsum512(acc[t]) - zero_term(a, n, m0 + t);
+  const float* s = a.s + n * ng;  // the zero term vectorised: scalar, it was half the time at 32 rows
+  const uint8_t* z = a.z + n * ng;
+  for (int t = 0; t < T; ++t) a.y[(m0 + t) * a.N + n] = hsum512(acc[t]) - zero_dot(s, z, a.xg + (m0 + t) * ng, ng);
 }
 
 // Blocks of 32 (groups of 32): one ymm of codes per block.
@@ -152,7 +166,9 @@ LOWBIT_VNNI void q4_tile_vnni32(const Q4Args& a, int64_t n, int64_t m0) {
       acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(s * a.dx[m * nb + b]), acc[t]);
     }
   }
-  for (int t = 0; t < T; ++t) a.y[(m0 + t) * a.N + n] = hsum256(acc[t]) - zero_term(a, n, m0 + t);
+  const float* s = a.s + n * ng;
+  const uint8_t* z = a.z + n * ng;
+  for (int t = 0; t < T; ++t) a.y[(m0 + t) * a.N + n] = hsum256(acc[t]) - zero_dot(s, z, a.xg + (m0 + t) * ng, ng);
 }
 
 // AVX2: u8 x s8 pair sums via vpmaddubsw (15 * 127 * 2 fits in int16), widened by vpmaddwd.
@@ -204,17 +220,6 @@ LOWBIT_AVX2 void q4_tile_avx2(const Q4Args& a, int64_t n, int64_t m0) {
 // chains), groups are walked without a division, and the zero term is one vector dot per row.
 constexpr int64_t kDecodeRows = 4;  // M at or below this takes the decode path
 
-// sum_g (s_g * z_g) * x_g, 16 groups at a time
-LOWBIT_VNNI inline float zero_dot(const float* s, const uint8_t* z, const float* x, int64_t n) {
-  __m512 acc = _mm512_setzero_ps();
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 k = n - i >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - i)) - 1);
-    const __m512 zf = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, z + i)));
-    const __m512 sz = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, s + i), zf);
-    acc = _mm512_fmadd_ps(sz, _mm512_maskz_loadu_ps(k, x + i), acc);
-  }
-  return _mm512_reduce_add_ps(acc);
-}
 
 template <int R, int M>
 LOWBIT_VNNI void q4_decode_vnni64(const Q4Args& a, int64_t n0) {
