@@ -35,10 +35,11 @@ VARIANTS = (
     "fp32", "bf16", "lowbit int8", "lowbit int4", "lowbit int4 g32", "lowbit int4 gptq", "torchao int8",
     "torchao int4",
 )  # fmt: skip
+FIDELITY = "int4-weight-only g32, embeddings and head int8"  # a label: the recipe is built by _recipe
 LOWBIT_RECIPES = {
     "lowbit int8": "int8-weight-only",
     "lowbit int4": "int4-weight-only",
-    "lowbit int4 g32": "int4-weight-only g32, embeddings and head int8",
+    "lowbit int4 g32": FIDELITY,
     "lowbit int4 gptq": "int4-gptq",
 }
 
@@ -47,7 +48,7 @@ def _recipe(label: str) -> Any:
     """The recipe behind a ``LOWBIT_RECIPES`` label: a preset, or ``int4-weight-only`` in groups of
     32 with int8 embeddings and head (the fidelity row: random Gaussian weights lose the most at 4
     bits, and the head's error reaches every logit)."""
-    if not label.startswith("int4-weight-only g32"):
+    if label != FIDELITY:
         return label
     from dataclasses import replace
 

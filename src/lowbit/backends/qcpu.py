@@ -51,6 +51,7 @@ import torch
 from lowbit import granularity as gran
 from lowbit.backends.base import Backend, Kernel
 from lowbit.backends.linear import (
+    _flat,
     _group_size,
     _per_channel_scale,
     _symmetric_int_per_channel,
@@ -157,12 +158,10 @@ def _cpu_only(layer: Any) -> str | None:
 def _run(x: torch.Tensor, kernel: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """``kernel`` on ``x`` flattened to contiguous float32 rows, reshaped and cast back. At batch 1
     a call is a few microseconds of kernel, so conversions that would copy nothing are skipped."""
-    flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    flat, lead = _flat(x)
     if flat.dtype != torch.float32 or not flat.is_contiguous():
         flat = flat.float().contiguous()
-    y = kernel(flat)
-    if x.dim() != 2:
-        y = y.view(*x.shape[:-1], y.shape[-1])
+    y = kernel(flat).view(*lead, -1)
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
